@@ -26,7 +26,7 @@ use std::fs::{self, File};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::{BufMut, BytesMut};
@@ -54,6 +54,32 @@ pub(crate) struct JournalShared {
     pending: Mutex<Pending>,
     has_work: Condvar,
     has_room: Condvar,
+    stats: Counters,
+}
+
+/// Counters of the journal's work since the store opened.
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    batches: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+/// What the journal has done since the store opened, for monitoring and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Group commits, each ending in exactly one journal fdatasync.
+    pub commits: u64,
+    /// Appended batches covered by those commits.
+    pub batches: u64,
+    /// Records covered by those commits.
+    pub records: u64,
+    /// Bytes written to the journal.
+    pub bytes: u64,
+    /// Checkpoints taken (segments fsynced and a journal file retired).
+    pub checkpoints: u64,
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +108,7 @@ impl JournalShared {
             pending: Mutex::new(Pending::default()),
             has_work: Condvar::new(),
             has_room: Condvar::new(),
+            stats: Counters::default(),
         })
     }
 
@@ -325,6 +352,14 @@ impl JournalWriter {
         match result {
             Ok(()) => {
                 self.len = pre + bytes.len() as u64;
+                let stats = &self.shared.stats;
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .batches
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                let records: u64 = entries.iter().map(|e| u64::from(e.enc.count)).sum();
+                stats.records.fetch_add(records, Ordering::Relaxed);
+                stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 Ok(touched)
             }
             Err(err) => {
@@ -381,6 +416,10 @@ impl JournalWriter {
             log.lock_writer().sync()?;
         }
         let (file, path) = create_journal_file(&self.shared.dir, self.seq + 1)?;
+        self.shared
+            .stats
+            .checkpoints
+            .fetch_add(1, Ordering::Relaxed);
         let old = std::mem::replace(&mut self.path, path);
         self.file = file;
         self.seq += 1;
@@ -646,6 +685,17 @@ fn replay_frame(
 }
 
 impl JournalShared {
+    pub(crate) fn stats(&self) -> JournalStats {
+        let s = &self.stats;
+        JournalStats {
+            commits: s.commits.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            records: s.records.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            checkpoints: s.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+
     /// Why the journal refuses appends, if it does.
     pub(crate) fn failure(&self) -> Option<String> {
         self.lock().failed.clone()

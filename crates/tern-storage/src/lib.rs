@@ -44,6 +44,7 @@ mod store;
 
 pub use config::{Durability, LogConfig, StoreConfig};
 pub use error::{Result, StorageError};
+pub use journal::JournalStats;
 pub use log::{Appended, Log, Retention};
 pub use reader::Reader;
 pub use record::{Message, Offset, Offsets, Record, Timestamp};

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::config::{Durability, LogConfig, StoreConfig};
 use crate::error::{Result, StorageError};
-use crate::journal::{self, JournalShared, JournalWriter};
+use crate::journal::{self, JournalShared, JournalStats, JournalWriter};
 use crate::log::{self, sync_dir, Log, LogShared};
 use crate::recovery::RecoveryEvent;
 
@@ -202,6 +202,12 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(StorageError::io("deleting log directory", &dir, e)),
         }
+    }
+
+    /// What the shared journal has done since the store opened: group
+    /// commits (one fsync each), and the batches and records they covered.
+    pub fn journal_stats(&self) -> JournalStats {
+        self.shared.journal.stats()
     }
 
     /// The names of every log in the store, open or not.
