@@ -70,7 +70,7 @@ impl FrameHeader {
 
     /// One past the offset of the last record in the frame.
     pub(crate) fn end(&self) -> Offset {
-        self.base.add(u64::from(self.count))
+        self.base.plus(u64::from(self.count))
     }
 
     /// Whether the full frame bytes match the header's checksum.
@@ -93,7 +93,7 @@ pub(crate) struct EncodedFrame {
 
 impl EncodedFrame {
     pub(crate) fn end(&self) -> Offset {
-        self.base.add(u64::from(self.count))
+        self.base.plus(u64::from(self.count))
     }
 }
 
@@ -158,7 +158,7 @@ pub(crate) fn decode(header: &FrameHeader, frame: &Bytes) -> Option<Vec<Record>>
             return None;
         }
         records.push(Record {
-            offset: header.base.add(i),
+            offset: header.base.plus(i),
             timestamp,
             headers: frame.slice(hstart..bstart),
             body: frame.slice(bstart..end),

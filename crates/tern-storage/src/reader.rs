@@ -183,7 +183,7 @@ impl Reader {
                             return Ok(out);
                         }
                         bytes += r.body.len() + r.headers.len();
-                        self.next = r.offset.add(1);
+                        self.next = r.offset.plus(1);
                         out.push(r);
                     }
                 }

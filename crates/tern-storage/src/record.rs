@@ -12,7 +12,7 @@ pub struct Offset(pub u64);
 
 impl Offset {
     /// The offset `n` records later.
-    pub fn add(self, n: u64) -> Offset {
+    pub fn plus(self, n: u64) -> Offset {
         Offset(self.0 + n)
     }
 }

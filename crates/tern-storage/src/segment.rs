@@ -144,7 +144,7 @@ impl Segment {
             .map(|e| {
                 (
                     u64::from(e.position),
-                    self.base.add(u64::from(e.relative_offset)),
+                    self.base.plus(u64::from(e.relative_offset)),
                 )
             })
             .unwrap_or((SEGMENT_HEADER_LEN, self.base)))
@@ -159,7 +159,7 @@ impl Segment {
             .map(|e| {
                 (
                     u64::from(e.position),
-                    self.base.add(u64::from(e.relative_offset)),
+                    self.base.plus(u64::from(e.relative_offset)),
                 )
             })
             .unwrap_or((SEGMENT_HEADER_LEN, self.base)))
@@ -431,7 +431,7 @@ pub(crate) fn open_sealed(
     }
     let (end, max_ts, index) = match index::read_seal(&index_path) {
         Ok(seal) if u64::from(seal.position) == len => (
-            base.add(u64::from(seal.relative_offset)),
+            base.plus(u64::from(seal.relative_offset)),
             seal.max_timestamp_before,
             None,
         ),
@@ -627,7 +627,7 @@ impl ActiveSegment {
         let mut from = entries.last().map(|e| {
             (
                 u64::from(e.position),
-                base.add(u64::from(e.relative_offset)),
+                base.plus(u64::from(e.relative_offset)),
             )
         });
         let mut max_ts = entries
