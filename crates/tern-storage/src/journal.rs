@@ -343,7 +343,10 @@ impl JournalWriter {
                     });
                 }
                 let frame = self.slice(buf, e.frame.clone())?;
-                e.log.write_frame(&mut w, frame, &e.enc)?;
+                e.log.write_frame(&mut w, frame, &e.enc);
+            }
+            for log in &touched {
+                log.lock_writer().flush()?;
             }
             self.file
                 .sync_data()
@@ -675,7 +678,8 @@ fn replay_frame(
         (&owned[..], enc)
     };
     let sp = w.savepoint();
-    if let Err(e) = log.write_frame(&mut w, bytes, &enc) {
+    log.write_frame(&mut w, bytes, &enc);
+    if let Err(e) = w.flush() {
         let _ = w.rollback(sp);
         return Err(e);
     }

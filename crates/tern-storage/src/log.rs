@@ -131,6 +131,8 @@ pub(crate) struct LogShared {
 pub(crate) struct LogWriter {
     active: ActiveSegment,
     scratch: BytesMut,
+    /// A copy of the log's `index_interval_bytes`, read on every frame.
+    index_interval: u64,
     /// Written since the last fsync (for `Interval`).
     dirty: bool,
     last_sync: Instant,
@@ -143,6 +145,11 @@ impl LogWriter {
 
     pub(crate) fn rollback(&mut self, sp: Savepoint) -> Result<()> {
         self.active.rollback(sp)
+    }
+
+    /// Writes the frames appended since the last flush to the segment file.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        self.active.flush()
     }
 
     pub(crate) fn sync(&mut self) -> Result<()> {
@@ -178,6 +185,7 @@ impl LogShared {
         journal: Arc<JournalShared>,
     ) -> Result<Arc<LogShared>> {
         config.validate()?;
+        let index_interval = config.index_interval_bytes;
         let mut events = Vec::new();
         let incarnation = open_meta(&dir)?;
         let mut bases = list_segments(&dir)?;
@@ -217,6 +225,7 @@ impl LogShared {
             writer: Mutex::new(LogWriter {
                 active,
                 scratch: BytesMut::new(),
+                index_interval,
                 dirty: false,
                 last_sync: Instant::now(),
             }),
@@ -237,6 +246,7 @@ impl LogShared {
     }
 
     pub(crate) fn set_config(&self, config: LogConfig) {
+        self.lock_writer().index_interval = config.index_interval_bytes;
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
@@ -333,21 +343,12 @@ impl LogShared {
         Ok(())
     }
 
-    /// Writes one encoded frame into the active segment (uncommitted).
-    pub(crate) fn write_frame(
-        &self,
-        w: &mut LogWriter,
-        frame: &[u8],
-        enc: &EncodedFrame,
-    ) -> Result<()> {
-        let interval = self
-            .config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .index_interval_bytes;
-        w.active.append_frame(frame, enc, interval)?;
+    /// Appends one encoded frame to the active segment, in memory; it is
+    /// written by [`LogWriter::flush`] and made visible by [`LogShared::commit`].
+    pub(crate) fn write_frame(&self, w: &mut LogWriter, frame: &[u8], enc: &EncodedFrame) {
+        let interval = w.index_interval;
+        w.active.append_frame(frame, enc, interval);
         w.dirty = true;
-        Ok(())
     }
 
     /// Makes the writer's progress visible.
@@ -370,9 +371,9 @@ impl LogShared {
         scratch.clear();
         let enc = batch::encode(&mut scratch, start, messages);
         let sp = w.savepoint();
-        let result = self.write_frame(&mut w, &scratch, &enc);
+        self.write_frame(&mut w, &scratch, &enc);
         w.scratch = scratch;
-        if let Err(e) = result {
+        if let Err(e) = w.flush() {
             // The in-memory state rolls back even if truncating fails; the
             // next write then overwrites whatever is left past the end.
             let _ = w.rollback(sp);

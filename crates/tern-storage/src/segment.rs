@@ -471,16 +471,31 @@ pub(crate) fn open_sealed(
 }
 
 /// The segment being written, owned by the log's writer.
+///
+/// Frames and index entries appended during one commit are gathered in
+/// memory and written with one positional write each by [`flush`](Self::flush),
+/// so a group commit costs one system call per log rather than one per batch.
 #[derive(Debug)]
 pub(crate) struct ActiveSegment {
     pub(crate) seg: Arc<Segment>,
     index_file: File,
+    /// Logical length, including frames not yet flushed.
     len: u64,
     end: Offset,
     max_timestamp: Timestamp,
     index_count: usize,
     since_index: u64,
+    /// Frames appended since the last flush; they belong at `flushed_len`.
+    unflushed: Vec<u8>,
+    flushed_len: u64,
+    /// Index entries appended since the last flush.
+    unflushed_index: Vec<u8>,
+    flushed_index_count: usize,
 }
+
+/// Above this, a flushed write buffer gives its memory back, so that a burst
+/// to one log does not pin memory for every log.
+const KEEP_BUFFER: usize = 1 << 20;
 
 /// Where to roll back to if a write fails part-way.
 #[derive(Debug, Clone, Copy)]
@@ -554,6 +569,10 @@ impl ActiveSegment {
             max_timestamp,
             index_count,
             since_index,
+            unflushed: Vec::new(),
+            flushed_len: len,
+            unflushed_index: Vec::new(),
+            flushed_index_count: index_count,
         }
     }
 
@@ -733,25 +752,18 @@ impl ActiveSegment {
         }
     }
 
-    /// Writes one encoded frame after the last one. Not visible to readers until [`commit`](Self::commit).
-    pub(crate) fn append_frame(
-        &mut self,
-        frame: &[u8],
-        enc: &EncodedFrame,
-        index_interval: u64,
-    ) -> Result<()> {
-        let position = self.len;
+    /// Appends one encoded frame after the last one, in memory. It reaches
+    /// the file at the next [`flush`](Self::flush) and readers at the next
+    /// [`commit`](Self::commit).
+    pub(crate) fn append_frame(&mut self, frame: &[u8], enc: &EncodedFrame, index_interval: u64) {
         if self.since_index >= index_interval {
             let entry = IndexEntry {
                 relative_offset: (enc.base.0 - self.seg.base.0) as u32,
-                position: position as u32,
+                position: self.len as u32,
                 max_timestamp_before: self.max_timestamp,
                 kind: EntryKind::Batch,
             };
-            let at = INDEX_HEADER_LEN + (self.index_count * INDEX_ENTRY_LEN) as u64;
-            self.index_file
-                .write_all_at(&entry.encode(), at)
-                .map_err(|e| StorageError::io("writing index", &self.seg.index_path, e))?;
+            self.unflushed_index.extend_from_slice(&entry.encode());
             self.index_count += 1;
             if let Some(entries) = self
                 .seg
@@ -764,36 +776,52 @@ impl ActiveSegment {
             }
             self.since_index = 0;
         }
-        self.seg
-            .file
-            .write_all_at(frame, position)
-            .map_err(|e| StorageError::io("writing segment", &self.seg.path, e))?;
+        self.unflushed.extend_from_slice(frame);
         self.since_index += frame.len() as u64;
         self.len += frame.len() as u64;
         self.end = enc.end();
         self.max_timestamp = self.max_timestamp.max(enc.max_timestamp);
+    }
+
+    /// Writes appended frames and index entries to their files (page cache).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if !self.unflushed.is_empty() {
+            self.seg
+                .file
+                .write_all_at(&self.unflushed, self.flushed_len)
+                .map_err(|e| StorageError::io("writing segment", &self.seg.path, e))?;
+            self.flushed_len += self.unflushed.len() as u64;
+            self.unflushed.clear();
+            self.unflushed.shrink_to(KEEP_BUFFER);
+        }
+        if !self.unflushed_index.is_empty() {
+            let at = INDEX_HEADER_LEN + (self.flushed_index_count * INDEX_ENTRY_LEN) as u64;
+            self.index_file
+                .write_all_at(&self.unflushed_index, at)
+                .map_err(|e| StorageError::io("writing index", &self.seg.index_path, e))?;
+            self.flushed_index_count = self.index_count;
+            self.unflushed_index.clear();
+        }
         Ok(())
     }
 
-    /// Makes everything written so far visible to readers.
+    /// Makes everything flushed so far visible to readers.
     pub(crate) fn commit(&self) {
+        debug_assert!(self.unflushed.is_empty(), "commit before flush");
         self.seg
             .max_timestamp
             .store(self.max_timestamp.0, Ordering::Release);
-        self.seg.committed_len.store(self.len, Ordering::Release);
+        self.seg
+            .committed_len
+            .store(self.flushed_len, Ordering::Release);
         self.seg.end.store(self.end.0, Ordering::Release);
     }
 
-    /// Undoes uncommitted writes after a failure, so the files end where
-    /// readers and the next append expect them to.
+    /// Undoes uncommitted appends after a failure, so the files end where
+    /// readers and the next append expect them to. The in-memory state rolls
+    /// back even if truncating fails: the next flush then overwrites whatever
+    /// is left past the end, and recovery treats it as a torn tail.
     pub(crate) fn rollback(&mut self, sp: Savepoint) -> Result<()> {
-        self.seg
-            .file
-            .set_len(sp.len)
-            .map_err(|e| StorageError::io("rolling back segment", &self.seg.path, e))?;
-        self.index_file
-            .set_len(INDEX_HEADER_LEN + (sp.index_count * INDEX_ENTRY_LEN) as u64)
-            .map_err(|e| StorageError::io("rolling back index", &self.seg.index_path, e))?;
         if let Some(entries) = self
             .seg
             .index
@@ -803,16 +831,27 @@ impl ActiveSegment {
         {
             entries.truncate(sp.index_count);
         }
+        self.unflushed.clear();
+        self.unflushed_index.clear();
         self.len = sp.len;
+        self.flushed_len = sp.len;
         self.end = sp.end;
         self.max_timestamp = sp.max_timestamp;
         self.index_count = sp.index_count;
+        self.flushed_index_count = sp.index_count;
         self.since_index = sp.since_index;
-        Ok(())
+        self.seg
+            .file
+            .set_len(sp.len)
+            .map_err(|e| StorageError::io("rolling back segment", &self.seg.path, e))?;
+        self.index_file
+            .set_len(INDEX_HEADER_LEN + (sp.index_count * INDEX_ENTRY_LEN) as u64)
+            .map_err(|e| StorageError::io("rolling back index", &self.seg.index_path, e))
     }
 
     /// Flushes the segment and its index to disk.
-    pub(crate) fn sync(&self) -> Result<()> {
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        self.flush()?;
         self.seg.sync()?;
         self.index_file
             .sync_data()
@@ -821,7 +860,7 @@ impl ActiveSegment {
 
     /// Seals the segment: fsyncs it and writes its seal entry, after which it is never written again.
     pub(crate) fn seal(mut self) -> Result<Arc<Segment>> {
-        self.seg.sync()?;
+        self.sync()?;
         let seal = seal_entry(self.seg.base, self.end, self.len, self.max_timestamp);
         let at = INDEX_HEADER_LEN + (self.index_count * INDEX_ENTRY_LEN) as u64;
         self.index_file
