@@ -26,6 +26,8 @@ use crate::recovery::RecoveryEvent;
 use crate::segment::{self, ActiveSegment, Savepoint, Segment};
 
 const LOG_META: &str = "LOG";
+/// Where a new log's identity is written before it is renamed into place.
+const LOG_META_TMP: &str = "LOG.tmp";
 const LOG_MAGIC: &[u8; 8] = b"TERNLOG\0";
 pub(crate) const LOG_VERSION: u32 = 1;
 
@@ -286,10 +288,17 @@ impl LogShared {
     pub(crate) fn publish_end(&self, end: Offset) {
         self.end.store(end.0, Ordering::Release);
         self.watch.send_replace(end.0);
-        self.wake();
+        self.wake_blocking();
     }
 
+    /// Wakes every waiter, blocking and async, to re-check the log (for
+    /// example because it closed): async waiters listen only to the watch.
     pub(crate) fn wake(&self) {
+        self.watch.send_modify(|_| {});
+        self.wake_blocking();
+    }
+
+    fn wake_blocking(&self) {
         let _guard = self.wait_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.wait_cond.notify_all();
     }
@@ -459,8 +468,11 @@ fn open_meta(dir: &Path) -> Result<u64> {
             decode_meta(&b, &path)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A LOG.tmp alone is a creation that a crash interrupted.
             let has_content = match fs::read_dir(dir) {
-                Ok(mut it) => it.next().is_some(),
+                Ok(mut it) => {
+                    it.any(|entry| !matches!(entry, Ok(e) if e.file_name() == LOG_META_TMP))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => false,
                 Err(e) => return Err(StorageError::io("listing log directory", dir, e)),
             };
@@ -473,7 +485,7 @@ fn open_meta(dir: &Path) -> Result<u64> {
             fs::create_dir_all(dir)
                 .map_err(|e| StorageError::io("creating log directory", dir, e))?;
             let incarnation = random_u64();
-            let tmp = dir.join(format!("{LOG_META}.tmp"));
+            let tmp = dir.join(LOG_META_TMP);
             File::create(&tmp)
                 .and_then(|mut f| {
                     f.write_all(&encode_meta(incarnation))?;

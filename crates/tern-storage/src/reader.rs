@@ -126,8 +126,21 @@ impl Reader {
 
     /// Reads up to `max_records` records and roughly `max_bytes` of bodies and
     /// headers (at least one record if any is available). An empty result
-    /// means the reader is at the end of the log.
+    /// means the reader is at the end of the log. A read that fails returns
+    /// no records and leaves the reader where it was.
     pub fn read(&mut self, max_records: usize, max_bytes: usize) -> Result<Vec<Record>> {
+        let next = self.next;
+        let result = self.read_records(max_records, max_bytes);
+        if result.is_err() {
+            // Records decoded before the failure were never returned: the
+            // reader must not move past them.
+            self.next = next;
+            self.cursor = None;
+        }
+        result
+    }
+
+    fn read_records(&mut self, max_records: usize, max_bytes: usize) -> Result<Vec<Record>> {
         let mut out = Vec::new();
         let end = self.log.end();
         if self.next >= end || max_records == 0 {
@@ -165,7 +178,7 @@ impl Reader {
                     None => break,
                 }
             }
-            let want = READ_CHUNK.max(max_bytes.min(64 << 20));
+            let want = max_bytes.clamp(64 << 10, 64 << 20);
             let chunk = read_whole_frames(&cursor.seg, cursor.position, want)?;
             let mut at = 0usize;
             while let Some((header, frame)) = frame_in(&chunk, at, &cursor.seg, cursor.position)? {

@@ -334,19 +334,15 @@ fn init_or_check_format(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(dir)
                 .map_err(|e| StorageError::io("creating data directory", dir, e))?;
+            // A FORMAT.tmp alone is a creation that a crash interrupted.
             let nonempty = fs::read_dir(dir)
                 .map_err(|e| StorageError::io("listing data directory", dir, e))?
-                .next()
-                .is_some();
+                .any(|entry| !matches!(entry, Ok(e) if e.file_name() == "FORMAT.tmp"));
             if nonempty {
                 return Err(StorageError::NotAStore {
                     path: dir.to_path_buf(),
                     reason: "it holds files but no FORMAT file; point Tern at an empty or Tern-owned directory".into(),
                 });
-            }
-            for sub in ["logs", "journal"] {
-                fs::create_dir_all(dir.join(sub))
-                    .map_err(|e| StorageError::io("creating directory", dir.join(sub), e))?;
             }
             let tmp = dir.join("FORMAT.tmp");
             File::create(&tmp)
@@ -356,6 +352,14 @@ fn init_or_check_format(dir: &Path) -> Result<()> {
                 })
                 .and_then(|()| fs::rename(&tmp, &format))
                 .map_err(|e| StorageError::io("writing format marker", &format, e))?;
+            sync_dir(dir)?;
+            // Only once FORMAT exists, so that a crash before this point leaves
+            // a directory that the next open still takes for an empty one; if
+            // it crashes here, the next open creates what is missing.
+            for sub in ["logs", "journal"] {
+                fs::create_dir_all(dir.join(sub))
+                    .map_err(|e| StorageError::io("creating directory", dir.join(sub), e))?;
+            }
             sync_dir(dir)
         }
         Err(e) if e.kind() == io::ErrorKind::NotADirectory => Err(StorageError::NotAStore {
