@@ -340,11 +340,15 @@ impl LogShared {
         }
         let base = w.active.end();
         let next = ActiveSegment::create(&self.dir, base)?;
-        sync_dir(&self.dir)?;
-        let full = std::mem::replace(&mut w.active, next);
         // Sealing fsyncs: every segment but the last is durable, so damage in
-        // one is corruption, never a torn write.
-        full.seal()?;
+        // one is corruption, never a torn write. The full segment is sealed
+        // in place, so that if that fails (a full disk) it stays the active
+        // one and the next append retries the roll.
+        if let Err(e) = sync_dir(&self.dir).and_then(|()| w.active.seal()) {
+            let _ = next.seg.delete_files();
+            return Err(e);
+        }
+        w.active = next;
         self.segments
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -517,10 +517,23 @@ impl ActiveSegment {
             .write(true)
             .open(&path)
             .map_err(|e| StorageError::io("creating segment", &path, e))?;
-        file.write_all_at(&segment_header(base), 0)
-            .map_err(|e| StorageError::io("writing segment header", &path, e))?;
-        let index_file = index::write_all(&index_path, &[])
-            .map_err(|e| StorageError::io("creating index", &index_path, e))?;
+        let index_file = file
+            .write_all_at(&segment_header(base), 0)
+            .map_err(|e| StorageError::io("writing segment header", &path, e))
+            .and_then(|()| {
+                index::write_all(&index_path, &[])
+                    .map_err(|e| StorageError::io("creating index", &index_path, e))
+            });
+        let index_file = match index_file {
+            Ok(f) => f,
+            Err(e) => {
+                // Remove the half-made files (a full disk still allows it), so
+                // that a retry can create them afresh.
+                let _ = fs::remove_file(&path);
+                let _ = fs::remove_file(&index_path);
+                return Err(e);
+            }
+        };
         Ok(Self::from_parts(
             path,
             index_path,
@@ -858,15 +871,22 @@ impl ActiveSegment {
             .map_err(|e| StorageError::io("syncing index", &self.seg.index_path, e))
     }
 
-    /// Seals the segment: fsyncs it and writes its seal entry, after which it is never written again.
-    pub(crate) fn seal(mut self) -> Result<Arc<Segment>> {
+    /// Seals the segment: fsyncs it and writes its seal entry, after which it
+    /// is never written again. If sealing fails, the segment stays active and
+    /// unsealed, so that the caller can keep it and retry.
+    pub(crate) fn seal(&mut self) -> Result<()> {
         self.sync()?;
         let seal = seal_entry(self.seg.base, self.end, self.len, self.max_timestamp);
         let at = INDEX_HEADER_LEN + (self.index_count * INDEX_ENTRY_LEN) as u64;
-        self.index_file
+        if let Err(e) = self
+            .index_file
             .write_all_at(&seal.encode(), at)
             .and_then(|()| self.index_file.sync_data())
-            .map_err(|e| StorageError::io("sealing index", &self.seg.index_path, e))?;
+        {
+            // Best effort: a seal entry left behind is dropped when the tail is reopened.
+            let _ = self.index_file.set_len(at);
+            return Err(StorageError::io("sealing index", &self.seg.index_path, e));
+        }
         self.index_count += 1;
         if let Some(entries) = self
             .seg
@@ -878,7 +898,7 @@ impl ActiveSegment {
             entries.push(seal);
         }
         self.seg.sealed.store(true, Ordering::Release);
-        Ok(self.seg)
+        Ok(())
     }
 }
 

@@ -77,6 +77,7 @@ impl Store {
         let dir = dir.as_ref().to_path_buf();
         init_or_check_format(&dir)?;
         let lock = lock_dir(&dir)?;
+        remove_tombstones(&dir.join("logs"))?;
         let journal = JournalShared::new(&dir, config);
         let mut logs: HashMap<String, Registered> = HashMap::new();
         let mut events = Vec::new();
@@ -194,14 +195,20 @@ impl Store {
             Log { inner: r.log }.close()?;
         }
         let dir = self.shared.log_dir(name);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => {
-                sync_dir(&self.shared.dir.join("logs"))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StorageError::io("deleting log directory", &dir, e)),
+        let logs_dir = self.shared.dir.join("logs");
+        // Renamed away first, atomically, so that a crash part-way through the
+        // removal leaves a tombstone that the next open finishes removing, not
+        // a half-deleted log that can no longer be opened.
+        let tombstone = logs_dir.join(format!(".deleted-{name}"));
+        match fs::rename(&dir, &tombstone) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(StorageError::io("deleting log directory", &dir, e)),
         }
+        sync_dir(&logs_dir)?;
+        fs::remove_dir_all(&tombstone)
+            .map_err(|e| StorageError::io("removing deleted log", &tombstone, e))?;
+        Ok(true)
     }
 
     /// What the shared journal has done since the store opened: group
@@ -368,6 +375,25 @@ fn init_or_check_format(dir: &Path) -> Result<()> {
         }),
         Err(e) => Err(StorageError::io("reading format marker", &format, e)),
     }
+}
+
+/// Finishes deletions that a crash interrupted.
+fn remove_tombstones(logs_dir: &Path) -> Result<()> {
+    let entries =
+        fs::read_dir(logs_dir).map_err(|e| StorageError::io("listing logs", logs_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StorageError::io("listing logs", logs_dir, e))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".deleted-"))
+        {
+            let path = entry.path();
+            fs::remove_dir_all(&path)
+                .map_err(|e| StorageError::io("removing deleted log", &path, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {
