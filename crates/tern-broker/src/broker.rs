@@ -1,0 +1,1397 @@
+//! The broker: vhosts with their exchanges, queues and bindings; declaring,
+//! binding, publishing and routing; durable definitions and their replay.
+//!
+//! Definitions are read-mostly: each vhost keeps them under one `RwLock`,
+//! which publishes take for reading. Every change to a durable definition is
+//! appended to the `definitions` log while the vhost's write lock is held
+//! (so the log's order is the order of the changes) and awaited, fsynced,
+//! after the lock is released.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_storage::{
+    Appended, Durability, Log, LogConfig, Message as StoredRecord, Store, StoreConfig, Timestamp,
+};
+
+use crate::channel::Channel;
+use crate::definitions::DefEvent;
+use crate::error::BrokerError;
+use crate::exchange::{Exchange, PREDECLARED};
+use crate::message::Message;
+use crate::name::{ExchangeName, QueueName, VhostName};
+use crate::queue::{self, ConnectionId, Queue, QueueSettings, QueueType};
+use crate::routing::{Destination, ExchangeKind};
+use crate::value::{FieldTable, FieldValue};
+
+/// Where and how the broker keeps its data.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Storage tuning.
+    pub store: StoreConfig,
+}
+
+impl BrokerConfig {
+    /// Defaults, keeping data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> BrokerConfig {
+        BrokerConfig {
+            data_dir: data_dir.into(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+/// An `exchange.declare`.
+#[derive(Debug, Clone)]
+pub struct ExchangeDeclare {
+    /// The exchange's name.
+    pub name: String,
+    /// `direct`, `fanout`, `topic` or `headers`.
+    pub kind: String,
+    /// Whether it survives a restart.
+    pub durable: bool,
+    /// Whether it is deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Whether clients may not publish to it directly.
+    pub internal: bool,
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Arguments, such as `alternate-exchange`.
+    pub arguments: FieldTable,
+}
+
+impl ExchangeDeclare {
+    /// A durable exchange of the given kind.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> ExchangeDeclare {
+        ExchangeDeclare {
+            name: name.into(),
+            kind: kind.as_str().to_string(),
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            passive: false,
+            arguments: FieldTable::new(),
+        }
+    }
+}
+
+/// A `queue.declare`.
+#[derive(Debug, Clone)]
+pub struct QueueDeclare {
+    /// The queue's name; empty asks the broker to choose one.
+    pub name: String,
+    /// Whether it survives a restart.
+    pub durable: bool,
+    /// Whether only the declaring connection may use it (and it goes with it).
+    pub exclusive: bool,
+    /// Whether it is deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Arguments, such as `x-queue-type`.
+    pub arguments: FieldTable,
+}
+
+impl QueueDeclare {
+    /// A durable, shared queue.
+    pub fn new(name: impl Into<String>) -> QueueDeclare {
+        QueueDeclare {
+            name: name.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            passive: false,
+            arguments: FieldTable::new(),
+        }
+    }
+}
+
+/// The answer to a `queue.declare`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDeclareOk {
+    /// The queue's name (chosen by the broker if the declaration left it empty).
+    pub queue: QueueName,
+    /// Messages ready for delivery.
+    pub message_count: u64,
+    /// Attached consumers.
+    pub consumer_count: u32,
+}
+
+/// The outcome of a publish.
+#[derive(Debug)]
+#[must_use = "a publish is confirmed only once `confirmed` resolves"]
+pub struct Published {
+    /// How many queues the message was routed to. Zero means unroutable
+    /// (a `mandatory` publish is returned to its publisher).
+    pub routed: usize,
+    tickets: Vec<Appended>,
+}
+
+impl Published {
+    /// Resolves once every queue the message went to has it on disk under
+    /// its fsync policy: the moment a publisher confirm may be sent.
+    pub async fn confirmed(self) -> Result<(), BrokerError> {
+        for ticket in self.tickets {
+            ticket.durable().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A handle to the broker. Clones share it.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    inner: Arc<BrokerInner>,
+}
+
+#[derive(Debug)]
+struct BrokerInner {
+    store: Mutex<Option<Store>>,
+    defs: Log,
+    vhosts: RwLock<HashMap<VhostName, Arc<Vhost>>>,
+    next_id: AtomicU64,
+    runtime: tokio::runtime::Handle,
+}
+
+#[derive(Debug)]
+struct Vhost {
+    name: VhostName,
+    state: RwLock<VhostState>,
+}
+
+#[derive(Debug, Default)]
+struct VhostState {
+    exchanges: HashMap<ExchangeName, Exchange>,
+    queues: HashMap<QueueName, Arc<Queue>>,
+}
+
+impl Vhost {
+    fn new(name: VhostName) -> Vhost {
+        let mut state = VhostState::default();
+        for (n, kind) in PREDECLARED {
+            let name = ExchangeName::new(n).unwrap_or_else(|_| ExchangeName::default_exchange());
+            state.exchanges.insert(
+                name.clone(),
+                Exchange::new(name, kind, true, false, false, FieldTable::new()),
+            );
+        }
+        Vhost {
+            name,
+            state: RwLock::new(state),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, VhostState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, VhostState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+const DEFINITIONS_LOG: &str = "definitions";
+/// How often a queue's acks reach the disk; a crash may redeliver messages
+/// acked within this window, which at-least-once allows.
+const ACK_SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
+fn queue_log_name(id: u64) -> String {
+    format!("q{id}")
+}
+
+fn ack_log_name(id: u64) -> String {
+    format!("a{id}")
+}
+
+fn vhost_name(name: &str) -> Result<VhostName, BrokerError> {
+    Ok(VhostName::new(name)?)
+}
+
+/// Checks that two argument tables are the same, naming the first difference.
+pub(crate) fn check_arguments_equivalent(
+    entity: &str,
+    current: &FieldTable,
+    received: &FieldTable,
+) -> Result<(), BrokerError> {
+    for key in current.keys().chain(received.keys()) {
+        let (a, b) = (current.get(key), received.get(key));
+        if a != b {
+            let show = |v: Option<&FieldValue>| v.map_or("none".to_string(), |v| format!("{v:?}"));
+            return Err(BrokerError::Inequivalent {
+                entity: entity.to_string(),
+                property: key.clone(),
+                current: show(a),
+                received: show(b),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads the queue type and refuses arguments this broker does not implement
+/// yet, rather than accepting them and silently ignoring them.
+fn parse_queue_arguments(d: &QueueDeclare) -> Result<QueueType, BrokerError> {
+    let queue_type = match d.arguments.get("x-queue-type") {
+        None => QueueType::Classic,
+        Some(v) => match v.as_str() {
+            Some("classic") => QueueType::Classic,
+            Some("quorum") => QueueType::Quorum,
+            Some("stream") => {
+                return Err(BrokerError::NotImplemented(
+                    "x-queue-type 'stream' is not supported yet".into(),
+                ))
+            }
+            Some(other) => {
+                return Err(BrokerError::InvalidArgument {
+                    argument: "x-queue-type".into(),
+                    reason: format!("unknown queue type '{other}'; use classic, quorum or stream"),
+                })
+            }
+            None => {
+                return Err(BrokerError::InvalidArgument {
+                    argument: "x-queue-type".into(),
+                    reason: format!("expected a string, got a {}", v.type_name()),
+                })
+            }
+        },
+    };
+    const NOT_YET: [&str; 12] = [
+        "x-message-ttl",
+        "x-expires",
+        "x-max-length",
+        "x-max-length-bytes",
+        "x-overflow",
+        "x-dead-letter-exchange",
+        "x-dead-letter-routing-key",
+        "x-max-priority",
+        "x-delivery-limit",
+        "x-single-active-consumer",
+        "x-queue-mode",
+        "x-queue-master-locator",
+    ];
+    if let Some(arg) = NOT_YET.iter().find(|a| d.arguments.contains_key(**a)) {
+        return Err(BrokerError::NotImplemented(format!(
+            "queue argument '{arg}' is not supported yet"
+        )));
+    }
+    if queue_type == QueueType::Quorum {
+        let refuse = |what: &str| {
+            Err(BrokerError::InvalidArgument {
+                argument: "x-queue-type".into(),
+                reason: format!("a quorum queue cannot be {what}"),
+            })
+        };
+        if !d.durable {
+            return refuse("non-durable");
+        }
+        if d.exclusive {
+            return refuse("exclusive");
+        }
+        if d.auto_delete {
+            return refuse("auto-delete");
+        }
+    }
+    Ok(queue_type)
+}
+
+/// The state replayed from the definitions log, before queues are opened.
+#[derive(Debug, Default)]
+struct ReplayedVhost {
+    exchanges: BTreeMap<String, (ExchangeKind, bool, bool, FieldTable)>,
+    queues: BTreeMap<String, (u64, bool, FieldTable)>,
+    bindings: Vec<(String, Destination, String, FieldTable)>,
+}
+
+fn replay(events: Vec<DefEvent>) -> BTreeMap<String, ReplayedVhost> {
+    let mut vhosts: BTreeMap<String, ReplayedVhost> = BTreeMap::new();
+    for ev in events {
+        match ev {
+            DefEvent::VhostAdded { vhost } => {
+                vhosts.entry(vhost).or_default();
+            }
+            DefEvent::VhostDeleted { vhost } => {
+                vhosts.remove(&vhost);
+            }
+            DefEvent::ExchangeDeclared {
+                vhost,
+                name,
+                kind,
+                auto_delete,
+                internal,
+                arguments,
+            } => {
+                if let Some(v) = vhosts.get_mut(&vhost) {
+                    v.exchanges
+                        .insert(name, (kind, auto_delete, internal, arguments));
+                }
+            }
+            DefEvent::ExchangeDeleted { vhost, name } => {
+                if let Some(v) = vhosts.get_mut(&vhost) {
+                    v.exchanges.remove(&name);
+                    v.bindings.retain(|(source, dest, _, _)| {
+                        source != &name
+                            && dest
+                                != &Destination::Exchange(
+                                    ExchangeName::new(name.clone())
+                                        .unwrap_or_else(|_| ExchangeName::default_exchange()),
+                                )
+                    });
+                }
+            }
+            DefEvent::QueueDeclared {
+                vhost,
+                name,
+                id,
+                auto_delete,
+                arguments,
+            } => {
+                if let Some(v) = vhosts.get_mut(&vhost) {
+                    v.queues.insert(name, (id, auto_delete, arguments));
+                }
+            }
+            DefEvent::QueueDeleted { vhost, name } => {
+                if let Some(v) = vhosts.get_mut(&vhost) {
+                    v.queues.remove(&name);
+                    v.bindings
+                        .retain(|(_, dest, _, _)| !matches!(dest, Destination::Queue(q) if q.as_str() == name));
+                }
+            }
+            DefEvent::Bound {
+                vhost,
+                source,
+                destination,
+                routing_key,
+                arguments,
+            } => {
+                if let Some(v) = vhosts.get_mut(&vhost) {
+                    let b = (source, destination, routing_key, arguments);
+                    if !v.bindings.contains(&b) {
+                        v.bindings.push(b);
+                    }
+                }
+            }
+            DefEvent::Unbound {
+                vhost,
+                source,
+                destination,
+                routing_key,
+                arguments,
+            } => {
+                if let Some(v) = vhosts.get_mut(&vhost) {
+                    let b = (source, destination, routing_key, arguments);
+                    v.bindings.retain(|x| x != &b);
+                }
+            }
+        }
+    }
+    vhosts
+}
+
+impl Broker {
+    /// Opens the broker on its data directory, restoring every durable
+    /// definition and every queue's messages. Must be called from inside a
+    /// tokio runtime, which runs the queues' delivery tasks.
+    pub fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            BrokerError::NotAllowed("Broker::open must be called inside a tokio runtime".into())
+        })?;
+        let store = Store::open(config.data_dir.join("store"), config.store.clone())?;
+        let defs = store.open_log(
+            DEFINITIONS_LOG,
+            LogConfig::with_durability(Durability::Always),
+        )?;
+        let mut events = Vec::new();
+        let mut reader = defs.reader(defs.start())?;
+        loop {
+            let batch = reader.read(4096, 16 << 20)?;
+            if batch.is_empty() {
+                break;
+            }
+            for rec in batch {
+                events.push(DefEvent::decode(&rec.body).map_err(|reason| {
+                    BrokerError::Storage(format!(
+                        "definitions record {} cannot be read: {reason}",
+                        rec.offset
+                    ))
+                })?);
+            }
+        }
+        let first_start = events.is_empty();
+        let replayed = replay(events);
+        let mut max_id = 0u64;
+        let mut live_logs: Vec<String> = vec![DEFINITIONS_LOG.to_string()];
+        let mut vhosts = HashMap::new();
+        let mut queues_to_run = Vec::new();
+        for (vname, rv) in replayed {
+            let vname = vhost_name(&vname)?;
+            let vhost = Vhost::new(vname.clone());
+            {
+                let mut st = vhost.write();
+                for (name, (kind, auto_delete, internal, arguments)) in rv.exchanges {
+                    let name = ExchangeName::new(name)?;
+                    st.exchanges.insert(
+                        name.clone(),
+                        Exchange::new(name, kind, true, auto_delete, internal, arguments),
+                    );
+                }
+                for (name, (id, auto_delete, arguments)) in rv.queues {
+                    max_id = max_id.max(id);
+                    let name = QueueName::new(name)?;
+                    let queue_type = match arguments.get("x-queue-type").and_then(|v| v.as_str()) {
+                        Some("quorum") => QueueType::Quorum,
+                        _ => QueueType::Classic,
+                    };
+                    let log = store.open_log(
+                        &queue_log_name(id),
+                        LogConfig::with_durability(Durability::Always),
+                    )?;
+                    let acks = store.open_log(
+                        &ack_log_name(id),
+                        LogConfig::with_durability(Durability::Interval(ACK_SYNC_INTERVAL)),
+                    )?;
+                    live_logs.push(queue_log_name(id));
+                    live_logs.push(ack_log_name(id));
+                    let queue = Queue::open(
+                        QueueSettings {
+                            vhost: vname.clone(),
+                            name: name.clone(),
+                            id,
+                            durable: true,
+                            exclusive_owner: None,
+                            auto_delete,
+                            arguments,
+                            queue_type,
+                        },
+                        log,
+                        acks,
+                    )?;
+                    queues_to_run.push(Arc::clone(&queue));
+                    st.queues.insert(name, queue);
+                }
+                for (source, dest, key, args) in rv.bindings {
+                    let Ok(source) = ExchangeName::new(source) else {
+                        continue;
+                    };
+                    if let Some(ex) = st.exchanges.get_mut(&source) {
+                        ex.table.bind(dest, &key, &args)?;
+                    }
+                }
+            }
+            vhosts.insert(vname, Arc::new(vhost));
+        }
+        // Logs of queues that are gone: transient queues of the last run, or
+        // deletions that a crash interrupted.
+        for name in store.log_names()? {
+            if !live_logs.contains(&name) {
+                store.delete_log(&name)?;
+            }
+            if let Some(id) = name.get(1..).and_then(|n| n.parse::<u64>().ok()) {
+                max_id = max_id.max(id);
+            }
+        }
+        let broker = Broker {
+            inner: Arc::new(BrokerInner {
+                store: Mutex::new(Some(store)),
+                defs,
+                vhosts: RwLock::new(vhosts),
+                next_id: AtomicU64::new(max_id + 1),
+                runtime,
+            }),
+        };
+        for queue in queues_to_run {
+            broker.spawn_queue(queue);
+        }
+        if first_start {
+            let ticket = broker.add_vhost_inner("/")?;
+            if let Some(t) = ticket {
+                // Opening is synchronous; the first vhost is durable by the
+                // next commit, and a crash before it only means it is recreated.
+                drop(t);
+            }
+        }
+        Ok(broker)
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new, unique connection identity, which owns exclusive queues.
+    pub fn new_connection_id(&self) -> ConnectionId {
+        ConnectionId(self.next_id())
+    }
+
+    fn spawn_queue(&self, queue: Arc<Queue>) {
+        self.inner.runtime.spawn(queue::run(queue));
+    }
+
+    fn persist(&self, event: &DefEvent) -> Result<Appended, BrokerError> {
+        let record = StoredRecord {
+            timestamp: Timestamp::now(),
+            headers: Bytes::new(),
+            body: event.encode().freeze(),
+        };
+        Ok(self.inner.defs.append(std::slice::from_ref(&record))?)
+    }
+
+    fn vhost(&self, name: &str) -> Result<Arc<Vhost>, BrokerError> {
+        let name = vhost_name(name)?;
+        self.inner
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| BrokerError::VhostNotFound(name.to_string()))
+    }
+
+    /// The names of every vhost.
+    pub fn vhosts(&self) -> Vec<VhostName> {
+        let mut names: Vec<_> = self
+            .inner
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn add_vhost_inner(&self, name: &str) -> Result<Option<Appended>, BrokerError> {
+        let name = vhost_name(name)?;
+        let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());
+        if vhosts.contains_key(&name) {
+            return Ok(None);
+        }
+        let ticket = self.persist(&DefEvent::VhostAdded {
+            vhost: name.to_string(),
+        })?;
+        vhosts.insert(name.clone(), Arc::new(Vhost::new(name)));
+        Ok(Some(ticket))
+    }
+
+    /// Creates a vhost (with RabbitMQ's predeclared exchanges). Creating one
+    /// that exists does nothing.
+    pub async fn add_vhost(&self, name: &str) -> Result<(), BrokerError> {
+        if let Some(ticket) = self.add_vhost_inner(name)? {
+            ticket.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a vhost with everything in it.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), BrokerError> {
+        let vname = vhost_name(name)?;
+        let (vhost, ticket) = {
+            let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());
+            let vhost = vhosts
+                .remove(&vname)
+                .ok_or_else(|| BrokerError::VhostNotFound(vname.to_string()))?;
+            let ticket = self.persist(&DefEvent::VhostDeleted {
+                vhost: vname.to_string(),
+            })?;
+            (vhost, ticket)
+        };
+        let queues: Vec<Arc<Queue>> = vhost.write().queues.drain().map(|(_, q)| q).collect();
+        for q in queues {
+            self.drop_queue_storage(&q)?;
+        }
+        ticket.durable().await?;
+        Ok(())
+    }
+
+    /// Declares an exchange, or checks an existing one (`passive`, or a
+    /// redeclaration, which must ask for the same properties).
+    pub async fn declare_exchange(
+        &self,
+        vhost: &str,
+        d: ExchangeDeclare,
+    ) -> Result<(), BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let name = ExchangeName::new(d.name.clone())?;
+        let ticket = {
+            let mut st = vh.write();
+            if let Some(ex) = st.exchanges.get(&name) {
+                if d.passive {
+                    return Ok(());
+                }
+                let kind = d
+                    .kind
+                    .parse::<ExchangeKind>()
+                    .map_err(|e| BrokerError::NotAllowed(e.to_string()))?;
+                ex.check_equivalent(
+                    &vh.name,
+                    kind,
+                    d.durable,
+                    d.auto_delete,
+                    d.internal,
+                    &d.arguments,
+                )?;
+                return Ok(());
+            }
+            if d.passive {
+                return Err(BrokerError::ExchangeNotFound {
+                    vhost: vh.name.to_string(),
+                    exchange: name.to_string(),
+                });
+            }
+            if name.is_default() || name.as_str().starts_with("amq.") {
+                return Err(BrokerError::AccessRefused(format!(
+                    "exchange name '{name}' contains reserved prefix 'amq.'"
+                )));
+            }
+            let kind = d
+                .kind
+                .parse::<ExchangeKind>()
+                .map_err(|e| BrokerError::NotAllowed(e.to_string()))?;
+            if let Some(v) = d.arguments.get("alternate-exchange") {
+                if v.as_str().is_none() {
+                    return Err(BrokerError::InvalidArgument {
+                        argument: "alternate-exchange".into(),
+                        reason: format!("expected a string, got a {}", v.type_name()),
+                    });
+                }
+            }
+            let ticket = if d.durable {
+                Some(self.persist(&DefEvent::ExchangeDeclared {
+                    vhost: vh.name.to_string(),
+                    name: name.to_string(),
+                    kind,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments.clone(),
+                })?)
+            } else {
+                None
+            };
+            st.exchanges.insert(
+                name.clone(),
+                Exchange::new(
+                    name,
+                    kind,
+                    d.durable,
+                    d.auto_delete,
+                    d.internal,
+                    d.arguments,
+                ),
+            );
+            ticket
+        };
+        if let Some(t) = ticket {
+            t.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an exchange and its bindings. With `if_unused`, refuses (406)
+    /// while it has bindings.
+    pub async fn delete_exchange(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let name = ExchangeName::new(name)?;
+        if name.is_default() || name.as_str().starts_with("amq.") {
+            return Err(BrokerError::AccessRefused(format!(
+                "exchange '{name}' in vhost '{}' is predeclared and cannot be deleted",
+                vh.name
+            )));
+        }
+        let ticket = {
+            let mut st = vh.write();
+            let Some(ex) = st.exchanges.get(&name) else {
+                return Err(BrokerError::ExchangeNotFound {
+                    vhost: vh.name.to_string(),
+                    exchange: name.to_string(),
+                });
+            };
+            if if_unused && !ex.table.is_empty() {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "exchange '{name}' in vhost '{}' in use",
+                    vh.name
+                )));
+            }
+            let ticket = if ex.durable {
+                Some(self.persist(&DefEvent::ExchangeDeleted {
+                    vhost: vh.name.to_string(),
+                    name: name.to_string(),
+                })?)
+            } else {
+                None
+            };
+            st.exchanges.remove(&name);
+            let dest = Destination::Exchange(name);
+            for ex in st.exchanges.values_mut() {
+                ex.table.remove_destination(&dest);
+            }
+            ticket
+        };
+        if let Some(t) = ticket {
+            t.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Looks a queue up, enforcing exclusivity (405 for another connection's exclusive queue).
+    pub(crate) fn find_queue(
+        &self,
+        vhost: &VhostName,
+        name: &str,
+        owner: Option<ConnectionId>,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        let vh = self.vhost(vhost.as_str())?;
+        let name = QueueName::new(name)?;
+        let st = vh.read();
+        let queue = st
+            .queues
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| BrokerError::QueueNotFound {
+                vhost: vh.name.to_string(),
+                queue: name.to_string(),
+            })?;
+        check_owner(&queue, owner)?;
+        Ok(queue)
+    }
+
+    /// Declares a queue, or checks an existing one.
+    pub async fn declare_queue(
+        &self,
+        vhost: &str,
+        d: QueueDeclare,
+        owner: ConnectionId,
+    ) -> Result<QueueDeclareOk, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let mut name = QueueName::new(d.name.clone())?;
+        let (queue, ticket) = {
+            let mut st = vh.write();
+            if !name.as_str().is_empty() {
+                if let Some(q) = st.queues.get(&name) {
+                    check_owner(q, Some(owner))?;
+                    if !d.passive {
+                        check_queue_equivalent(q, &d)?;
+                    }
+                    return Ok(QueueDeclareOk {
+                        queue: q.name.clone(),
+                        message_count: q.message_count(),
+                        consumer_count: q.consumer_count() as u32,
+                    });
+                }
+            }
+            if d.passive {
+                return Err(BrokerError::QueueNotFound {
+                    vhost: vh.name.to_string(),
+                    queue: name.to_string(),
+                });
+            }
+            if name.as_str().is_empty() {
+                name = QueueName::new(format!(
+                    "amq.gen-{:016x}",
+                    self.next_id().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ))?;
+            } else if name.as_str().starts_with("amq.") {
+                return Err(BrokerError::AccessRefused(format!(
+                    "queue name '{name}' contains reserved prefix 'amq.'"
+                )));
+            }
+            let queue_type = parse_queue_arguments(&d)?;
+            let id = self.next_id();
+            let persistent = d.durable && !d.exclusive;
+            let durability = if persistent {
+                Durability::Always
+            } else {
+                Durability::Never
+            };
+            let (log, acks) = {
+                let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+                let store = store
+                    .as_ref()
+                    .ok_or_else(|| BrokerError::NotAllowed("the broker is closed".into()))?;
+                (
+                    store.open_log(&queue_log_name(id), LogConfig::with_durability(durability))?,
+                    store.open_log(
+                        &ack_log_name(id),
+                        LogConfig::with_durability(if persistent {
+                            Durability::Interval(ACK_SYNC_INTERVAL)
+                        } else {
+                            Durability::Never
+                        }),
+                    )?,
+                )
+            };
+            let queue = Queue::open(
+                QueueSettings {
+                    vhost: vh.name.clone(),
+                    name: name.clone(),
+                    id,
+                    durable: d.durable,
+                    exclusive_owner: d.exclusive.then_some(owner),
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments.clone(),
+                    queue_type,
+                },
+                log,
+                acks,
+            )?;
+            let ticket = if persistent {
+                Some(self.persist(&DefEvent::QueueDeclared {
+                    vhost: vh.name.to_string(),
+                    name: name.to_string(),
+                    id,
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments.clone(),
+                })?)
+            } else {
+                None
+            };
+            st.queues.insert(name.clone(), Arc::clone(&queue));
+            (queue, ticket)
+        };
+        self.spawn_queue(Arc::clone(&queue));
+        if let Some(t) = ticket {
+            t.durable().await?;
+        }
+        Ok(QueueDeclareOk {
+            queue: name,
+            message_count: 0,
+            consumer_count: 0,
+        })
+    }
+
+    /// Deletes a queue and its messages. With `if_unused` it refuses (406)
+    /// while the queue has consumers; with `if_empty`, while it has ready
+    /// messages. Returns how many messages it held.
+    pub async fn delete_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        owner: ConnectionId,
+    ) -> Result<u64, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let queue = self.find_queue(&vh.name, name, Some(owner))?;
+        if if_unused && queue.consumer_count() > 0 {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{}' in vhost '{}' in use",
+                queue.name, vh.name
+            )));
+        }
+        let count = queue.message_count();
+        if if_empty && count > 0 {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{}' in vhost '{}' not empty",
+                queue.name, vh.name
+            )));
+        }
+        if let Some(t) = self.remove_queue(&vh, &queue)? {
+            t.durable().await?;
+        }
+        Ok(count)
+    }
+
+    /// Removes a queue from its vhost and deletes its logs. Returns the
+    /// ticket of its durable deletion, if it was durable.
+    fn remove_queue(
+        &self,
+        vh: &Vhost,
+        queue: &Arc<Queue>,
+    ) -> Result<Option<Appended>, BrokerError> {
+        let ticket = {
+            let mut st = vh.write();
+            match st.queues.get(&queue.name) {
+                Some(q) if Arc::ptr_eq(q, queue) => {}
+                _ => return Ok(None),
+            }
+            st.queues.remove(&queue.name);
+            let dest = Destination::Queue(queue.name.clone());
+            let mut emptied = Vec::new();
+            for ex in st.exchanges.values_mut() {
+                if ex.table.remove_destination(&dest) > 0 && ex.auto_delete && ex.table.is_empty() {
+                    emptied.push(ex.name.clone());
+                }
+            }
+            for name in emptied {
+                if let Some(ex) = st.exchanges.remove(&name) {
+                    if ex.durable {
+                        drop(self.persist(&DefEvent::ExchangeDeleted {
+                            vhost: vh.name.to_string(),
+                            name: name.to_string(),
+                        })?);
+                    }
+                }
+            }
+            if queue.durable && queue.exclusive_owner.is_none() {
+                Some(self.persist(&DefEvent::QueueDeleted {
+                    vhost: vh.name.to_string(),
+                    name: queue.name.to_string(),
+                })?)
+            } else {
+                None
+            }
+        };
+        self.drop_queue_storage(queue)?;
+        Ok(ticket)
+    }
+
+    fn drop_queue_storage(&self, queue: &Arc<Queue>) -> Result<(), BrokerError> {
+        queue.mark_deleted();
+        let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = store.as_ref() {
+            store.delete_log(&queue_log_name(queue.id))?;
+            store.delete_log(&ack_log_name(queue.id))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an auto-delete queue whose last consumer went (called by channels).
+    pub(crate) fn auto_delete_queue(&self, queue: &Arc<Queue>) {
+        if let Ok(vh) = self.vhost(queue.vhost.as_str()) {
+            // The deletion is durable by the next commit; nothing waits on it here.
+            let _ = self.remove_queue(&vh, queue);
+        }
+    }
+
+    /// Removes every ready message from a queue. Returns how many.
+    pub fn purge_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        owner: ConnectionId,
+    ) -> Result<u64, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let queue = self.find_queue(&vh.name, name, Some(owner))?;
+        Ok(queue.purge())
+    }
+
+    /// Facts about a queue: ready, unacked and consumer counts.
+    pub fn queue_info(&self, vhost: &str, name: &str) -> Result<QueueInfo, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let queue = self.find_queue(&vh.name, name, None).or_else(|e| match e {
+            BrokerError::ResourceLocked { .. } => {
+                let name = QueueName::new(name)?;
+                vh.read().queues.get(&name).cloned().ok_or(e)
+            }
+            other => Err(other),
+        })?;
+        Ok(QueueInfo {
+            name: queue.name.clone(),
+            durable: queue.durable,
+            exclusive: queue.exclusive_owner.is_some(),
+            auto_delete: queue.auto_delete,
+            queue_type: queue.queue_type,
+            ready: queue.message_count(),
+            unacked: queue.unacked_count() as u64,
+            consumers: queue.consumer_count() as u32,
+        })
+    }
+
+    /// The names of every queue in a vhost.
+    pub fn queue_names(&self, vhost: &str) -> Result<Vec<QueueName>, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let mut names: Vec<_> = vh.read().queues.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    #[allow(clippy::too_many_arguments)] // one private helper behind four public calls
+    async fn change_binding(
+        &self,
+        vhost: &str,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+        owner: Option<ConnectionId>,
+        bind: bool,
+    ) -> Result<(), BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let source = ExchangeName::new(source)?;
+        if source.is_default() {
+            return Err(BrokerError::AccessRefused(format!(
+                "operation not permitted on the default exchange in vhost '{}'",
+                vh.name
+            )));
+        }
+        let ticket = {
+            let mut st = vh.write();
+            let dest_durable = match &destination {
+                Destination::Queue(q) => {
+                    let queue = st.queues.get(q).ok_or_else(|| BrokerError::QueueNotFound {
+                        vhost: vh.name.to_string(),
+                        queue: q.to_string(),
+                    })?;
+                    check_owner(queue, owner)?;
+                    queue.durable && queue.exclusive_owner.is_none()
+                }
+                Destination::Exchange(x) => {
+                    st.exchanges
+                        .get(x)
+                        .ok_or_else(|| BrokerError::ExchangeNotFound {
+                            vhost: vh.name.to_string(),
+                            exchange: x.to_string(),
+                        })?
+                        .durable
+                }
+            };
+            let ex =
+                st.exchanges
+                    .get_mut(&source)
+                    .ok_or_else(|| BrokerError::ExchangeNotFound {
+                        vhost: vh.name.to_string(),
+                        exchange: source.to_string(),
+                    })?;
+            let durable = ex.durable && dest_durable;
+            let changed = if bind {
+                ex.table.bind(destination.clone(), routing_key, arguments)?
+            } else {
+                ex.table.unbind(&destination, routing_key, arguments)
+            };
+            let auto_delete_now = !bind && changed && ex.auto_delete && ex.table.is_empty();
+            let mut ticket = None;
+            if changed && durable {
+                let (vhost, source, routing_key, arguments) = (
+                    vh.name.to_string(),
+                    source.to_string(),
+                    routing_key.to_string(),
+                    arguments.clone(),
+                );
+                let ev = if bind {
+                    DefEvent::Bound {
+                        vhost,
+                        source,
+                        destination,
+                        routing_key,
+                        arguments,
+                    }
+                } else {
+                    DefEvent::Unbound {
+                        vhost,
+                        source,
+                        destination,
+                        routing_key,
+                        arguments,
+                    }
+                };
+                ticket = Some(self.persist(&ev)?);
+            }
+            if auto_delete_now {
+                if let Some(ex) = st.exchanges.remove(&source) {
+                    if ex.durable {
+                        ticket = Some(self.persist(&DefEvent::ExchangeDeleted {
+                            vhost: vh.name.to_string(),
+                            name: source.to_string(),
+                        })?);
+                    }
+                }
+            }
+            ticket
+        };
+        if let Some(t) = ticket {
+            t.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Binds a queue to an exchange.
+    pub async fn bind_queue(
+        &self,
+        vhost: &str,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+        owner: ConnectionId,
+    ) -> Result<(), BrokerError> {
+        let dest = Destination::Queue(QueueName::new(queue)?);
+        self.change_binding(
+            vhost,
+            exchange,
+            dest,
+            routing_key,
+            arguments,
+            Some(owner),
+            true,
+        )
+        .await
+    }
+
+    /// Removes a queue's binding. Removing one that does not exist does nothing.
+    pub async fn unbind_queue(
+        &self,
+        vhost: &str,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+        owner: ConnectionId,
+    ) -> Result<(), BrokerError> {
+        let dest = Destination::Queue(QueueName::new(queue)?);
+        self.change_binding(
+            vhost,
+            exchange,
+            dest,
+            routing_key,
+            arguments,
+            Some(owner),
+            false,
+        )
+        .await
+    }
+
+    /// Binds `destination` exchange to `source` exchange (exchange-to-exchange).
+    pub async fn bind_exchange(
+        &self,
+        vhost: &str,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), BrokerError> {
+        let dest = Destination::Exchange(ExchangeName::new(destination)?);
+        self.change_binding(vhost, source, dest, routing_key, arguments, None, true)
+            .await
+    }
+
+    /// Removes an exchange-to-exchange binding.
+    pub async fn unbind_exchange(
+        &self,
+        vhost: &str,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), BrokerError> {
+        let dest = Destination::Exchange(ExchangeName::new(destination)?);
+        self.change_binding(vhost, source, dest, routing_key, arguments, None, false)
+            .await
+    }
+
+    /// Routes and stores a message. Returns at once with the number of
+    /// queues it reached; await [`Published::confirmed`] before confirming it.
+    pub fn publish(&self, vhost: &str, message: Message) -> Result<Published, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let st = vh.read();
+        let queues = route(&vh.name, &st, &message)?;
+        let mut tickets = Vec::with_capacity(queues.len());
+        for q in &queues {
+            tickets.push(q.append(&message)?);
+        }
+        Ok(Published {
+            routed: queues.len(),
+            tickets,
+        })
+    }
+
+    /// Opens a channel in `vhost` for a connection.
+    pub fn open_channel(
+        &self,
+        vhost: &str,
+        connection: ConnectionId,
+    ) -> Result<Channel, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        Ok(Channel::new(
+            self.clone(),
+            self.next_id(),
+            connection,
+            vh.name.clone(),
+        ))
+    }
+
+    /// A connection went away: its exclusive queues are deleted.
+    pub async fn connection_closed(&self, connection: ConnectionId) -> Result<(), BrokerError> {
+        let vhosts: Vec<Arc<Vhost>> = self
+            .inner
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for vh in vhosts {
+            let owned: Vec<Arc<Queue>> = vh
+                .read()
+                .queues
+                .values()
+                .filter(|q| q.exclusive_owner == Some(connection))
+                .cloned()
+                .collect();
+            for q in owned {
+                self.remove_queue(&vh, &q)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every queue and closes the store, flushing it to disk. Other
+    /// clones of the handle stop working.
+    pub fn close(self) -> Result<(), BrokerError> {
+        let vhosts: Vec<Arc<Vhost>> = self
+            .inner
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for vh in vhosts {
+            for q in vh.read().queues.values() {
+                q.sync();
+                q.mark_deleted();
+            }
+        }
+        let store = self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(store) = store {
+            store.close()?;
+        }
+        Ok(())
+    }
+}
+
+/// Facts about a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// Its name.
+    pub name: QueueName,
+    /// Whether it survives a restart.
+    pub durable: bool,
+    /// Whether it belongs to one connection.
+    pub exclusive: bool,
+    /// Whether it goes with its last consumer.
+    pub auto_delete: bool,
+    /// Its type.
+    pub queue_type: QueueType,
+    /// Messages ready for delivery.
+    pub ready: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: u64,
+    /// Attached consumers.
+    pub consumers: u32,
+}
+
+fn check_owner(queue: &Queue, owner: Option<ConnectionId>) -> Result<(), BrokerError> {
+    match queue.exclusive_owner {
+        Some(o) if Some(o) != owner => Err(BrokerError::ResourceLocked {
+            vhost: queue.vhost.to_string(),
+            queue: queue.name.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_queue_equivalent(q: &Queue, d: &QueueDeclare) -> Result<(), BrokerError> {
+    let entity = format!("queue '{}' in vhost '{}'", q.name, q.vhost);
+    let differ = |property: &str, current: bool, received: bool| BrokerError::Inequivalent {
+        entity: entity.clone(),
+        property: property.to_string(),
+        current: current.to_string(),
+        received: received.to_string(),
+    };
+    if q.durable != d.durable {
+        return Err(differ("durable", q.durable, d.durable));
+    }
+    if q.exclusive_owner.is_some() != d.exclusive {
+        return Err(differ(
+            "exclusive",
+            q.exclusive_owner.is_some(),
+            d.exclusive,
+        ));
+    }
+    if q.auto_delete != d.auto_delete {
+        return Err(differ("auto_delete", q.auto_delete, d.auto_delete));
+    }
+    // A missing x-queue-type means classic, so declaring it explicitly is equivalent.
+    let normalize = |args: &FieldTable| {
+        let mut a = args.clone();
+        if a.get("x-queue-type").and_then(|v| v.as_str()) == Some("classic") {
+            a.remove("x-queue-type");
+        }
+        a
+    };
+    check_arguments_equivalent(&entity, &normalize(&q.arguments), &normalize(&d.arguments))
+}
+
+/// Finds the queues a message goes to: through exchange-to-exchange
+/// bindings (each exchange visited once, so cycles end), and through the
+/// alternate exchange of any exchange that routed it nowhere.
+fn route(
+    vhost: &VhostName,
+    st: &VhostState,
+    message: &Message,
+) -> Result<Vec<Arc<Queue>>, BrokerError> {
+    let start =
+        st.exchanges
+            .get(&message.exchange)
+            .ok_or_else(|| BrokerError::ExchangeNotFound {
+                vhost: vhost.to_string(),
+                exchange: message.exchange.to_string(),
+            })?;
+    if start.internal {
+        return Err(BrokerError::AccessRefused(format!(
+            "cannot publish to internal exchange '{}' in vhost '{vhost}'",
+            start.name
+        )));
+    }
+    let empty = FieldTable::new();
+    let headers = message.properties.headers.as_ref().unwrap_or(&empty);
+    let mut queues: Vec<Arc<Queue>> = Vec::new();
+    let mut visited: Vec<&ExchangeName> = Vec::new();
+    let mut pending: Vec<&Exchange> = vec![start];
+    let mut dests = Vec::new();
+    while let Some(ex) = pending.pop() {
+        if visited.contains(&&ex.name) {
+            continue;
+        }
+        visited.push(&ex.name);
+        dests.clear();
+        if ex.name.is_default() {
+            if let Ok(q) = QueueName::new(message.routing_key.clone()) {
+                dests.push(Destination::Queue(q));
+            }
+        } else {
+            ex.table.route(&message.routing_key, headers, &mut dests);
+        }
+        let mut routed_here = false;
+        for d in dests.drain(..) {
+            match d {
+                Destination::Queue(q) => {
+                    if let Some(queue) = st.queues.get(&q) {
+                        routed_here = true;
+                        if !queues.iter().any(|x| Arc::ptr_eq(x, queue)) {
+                            queues.push(Arc::clone(queue));
+                        }
+                    }
+                }
+                Destination::Exchange(x) => {
+                    if let Some(next) = st.exchanges.get(&x) {
+                        routed_here = true;
+                        pending.push(next);
+                    }
+                }
+            }
+        }
+        if !routed_here {
+            if let Some(ae) = ex.alternate().and_then(|n| ExchangeName::new(n).ok()) {
+                if let Some(next) = st.exchanges.get(&ae) {
+                    pending.push(next);
+                }
+            }
+        }
+    }
+    Ok(queues)
+}

@@ -1,0 +1,836 @@
+//! A queue: its messages in a `tern-storage` log, its durable ack state in
+//! a second log, and the in-memory delivery state (ready, unacked,
+//! consumers) under one lock.
+//!
+//! Offsets of the message log identify messages. A message is *settled*
+//! once acked (or dropped); the *floor* is the lowest unsettled offset, and
+//! log segments wholly below it are deleted. Everything in `[floor, end)`
+//! is settled, unacked (delivered and awaiting an ack), requeued (returned,
+//! to be delivered again before anything newer), or not yet reached by the
+//! *scan* position. Only a bounded read-ahead window of records is held in
+//! memory; a queue of ten million messages keeps them on disk.
+//!
+//! The ack log holds records of two kinds: a list of settled offsets, and a
+//! checkpoint (the floor and every settled offset above it), written now and
+//! then so that the ack log can drop its older segments. Replaying it in
+//! order on open rebuilds the settled set; acks are written without waiting
+//! for an fsync, since losing one only means a redelivery, which
+//! at-least-once allows.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tern_storage::{Log, Message as StoredRecord, Offset, Reader, Record, Timestamp};
+use tokio::sync::{mpsc, Notify};
+
+use crate::codec::{self, StoredMeta};
+use crate::error::BrokerError;
+use crate::message::Message;
+use crate::name::{QueueName, VhostName};
+use crate::value::FieldTable;
+
+/// Identifies a client connection, which owns exclusive queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+/// Identifies a channel within the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ChannelId(pub(crate) u64);
+
+/// Identifies a consumer within the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConsumerId(pub(crate) u64);
+
+/// The kinds of queue a client may declare with `x-queue-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// RabbitMQ's default queue type.
+    Classic,
+    /// A durable queue with RabbitMQ quorum-queue rules (never exclusive or
+    /// auto-delete). On a single node it needs no replication.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name clients use in `x-queue-type`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// Prefetch credit shared by every consumer of one channel (`basic.qos`
+/// with `global` set): a limit on unacked deliveries across the channel.
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCredit {
+    limit: AtomicU32,
+    used: AtomicU32,
+}
+
+impl ChannelCredit {
+    pub(crate) fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    fn try_acquire(&self) -> bool {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            let limit = self.limit.load(Ordering::Acquire);
+            if limit != 0 && used >= limit {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    pub(crate) fn release(&self, n: u32) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+}
+
+/// What a channel receives from the queues it consumes from.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // deliveries are the common case; boxing each would allocate
+pub(crate) enum QueueEvent {
+    Delivery(QueuedDelivery),
+    /// The queue cancelled the consumer (the queue was deleted).
+    Cancelled {
+        consumer_tag: String,
+    },
+}
+
+/// A message handed to a consumer, before the channel gives it a delivery tag.
+#[derive(Debug)]
+pub(crate) struct QueuedDelivery {
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) consumer_tag: String,
+    pub(crate) offset: Offset,
+    pub(crate) redelivered: bool,
+    pub(crate) delivery_count: u32,
+    pub(crate) message: Message,
+    /// Whether the message was settled on delivery (a no-ack consumer).
+    pub(crate) settled: bool,
+    /// Whether the delivery took a unit of channel credit.
+    pub(crate) took_credit: bool,
+}
+
+#[derive(Debug)]
+struct ConsumerSlot {
+    id: ConsumerId,
+    tag: String,
+    channel: ChannelId,
+    prefetch: u32,
+    in_flight: u32,
+    no_ack: bool,
+    priority: i32,
+    exclusive: bool,
+    tx: mpsc::UnboundedSender<QueueEvent>,
+    credit: Arc<ChannelCredit>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    channel: ChannelId,
+    consumer: Option<ConsumerId>,
+}
+
+/// A consumer to attach to a queue.
+#[derive(Debug)]
+pub(crate) struct ConsumerSpec {
+    pub(crate) id: ConsumerId,
+    pub(crate) tag: String,
+    pub(crate) channel: ChannelId,
+    pub(crate) prefetch: u32,
+    pub(crate) no_ack: bool,
+    pub(crate) priority: i32,
+    pub(crate) exclusive: bool,
+    pub(crate) tx: mpsc::UnboundedSender<QueueEvent>,
+    pub(crate) credit: Arc<ChannelCredit>,
+}
+
+/// One message fetched with `get`.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) offset: Offset,
+    pub(crate) message: Message,
+    pub(crate) redelivered: bool,
+    pub(crate) delivery_count: u32,
+    pub(crate) remaining: u64,
+}
+
+const ACKS: u8 = 0;
+const CHECKPOINT: u8 = 1;
+/// Ack records between checkpoints of the ack log.
+const CHECKPOINT_EVERY: u64 = 4096;
+/// Records read ahead from the message log at a time.
+const WINDOW_RECORDS: usize = 256;
+const WINDOW_BYTES: usize = 1 << 20;
+
+#[derive(Debug)]
+struct QueueState {
+    floor: u64,
+    scan: u64,
+    settled: BTreeSet<u64>,
+    requeued: BTreeSet<u64>,
+    /// Delivered at least once: for the `redelivered` flag and delivery counts.
+    delivered: HashMap<u64, u32>,
+    unacked: HashMap<u64, Holder>,
+    window: VecDeque<Record>,
+    reader: Reader,
+    random: Reader,
+    consumers: Vec<ConsumerSlot>,
+    next_consumer: usize,
+    ever_consumed: bool,
+    acks_since_checkpoint: u64,
+}
+
+/// A queue and its state. Shared by the vhost, the queue's task and the
+/// channels holding its deliveries.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    pub(crate) vhost: VhostName,
+    pub(crate) name: QueueName,
+    pub(crate) id: u64,
+    pub(crate) durable: bool,
+    pub(crate) exclusive_owner: Option<ConnectionId>,
+    pub(crate) auto_delete: bool,
+    pub(crate) arguments: FieldTable,
+    pub(crate) queue_type: QueueType,
+    log: Log,
+    acks: Log,
+    state: Mutex<QueueState>,
+    pub(crate) wake: Notify,
+    pub(crate) deleted: AtomicBool,
+}
+
+/// What a queue is declared with.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueSettings {
+    pub(crate) vhost: VhostName,
+    pub(crate) name: QueueName,
+    pub(crate) id: u64,
+    pub(crate) durable: bool,
+    pub(crate) exclusive_owner: Option<ConnectionId>,
+    pub(crate) auto_delete: bool,
+    pub(crate) arguments: FieldTable,
+    pub(crate) queue_type: QueueType,
+}
+
+fn storage(e: tern_storage::StorageError) -> BrokerError {
+    BrokerError::from(e)
+}
+
+impl Queue {
+    /// Opens a queue over its two logs, rebuilding its settled set from the ack log.
+    pub(crate) fn open(
+        settings: QueueSettings,
+        log: Log,
+        acks: Log,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        let mut floor = 0u64;
+        let mut settled = BTreeSet::new();
+        let mut reader = acks.reader(acks.start()).map_err(storage)?;
+        loop {
+            let batch = reader.read(1024, 4 << 20).map_err(storage)?;
+            if batch.is_empty() {
+                break;
+            }
+            for rec in batch {
+                apply_ack_record(&rec.body, &mut floor, &mut settled);
+            }
+        }
+        floor = floor.max(log.start().0);
+        settled = settled.split_off(&floor);
+        while settled.remove(&floor) {
+            floor += 1;
+        }
+        let reader = log.reader(Offset(floor)).map_err(storage)?;
+        let random = log.reader(Offset(floor)).map_err(storage)?;
+        Ok(Arc::new(Queue {
+            vhost: settings.vhost,
+            name: settings.name,
+            id: settings.id,
+            durable: settings.durable,
+            exclusive_owner: settings.exclusive_owner,
+            auto_delete: settings.auto_delete,
+            arguments: settings.arguments,
+            queue_type: settings.queue_type,
+            log,
+            acks,
+            state: Mutex::new(QueueState {
+                floor,
+                scan: floor,
+                settled,
+                requeued: BTreeSet::new(),
+                delivered: HashMap::new(),
+                unacked: HashMap::new(),
+                window: VecDeque::new(),
+                reader,
+                random,
+                consumers: Vec::new(),
+                next_consumer: 0,
+                ever_consumed: false,
+                acks_since_checkpoint: 0,
+            }),
+            wake: Notify::new(),
+            deleted: AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The message log, for the queue's task to wait on.
+    pub(crate) fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Appends a routed message. The returned ticket resolves when it is durable.
+    pub(crate) fn append(&self, message: &Message) -> Result<tern_storage::Appended, BrokerError> {
+        let mut meta = BytesMut::new();
+        codec::encode_meta(
+            &StoredMeta {
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                properties: message.properties.clone(),
+                delivery_count: 0,
+            },
+            &mut meta,
+        );
+        let record = StoredRecord {
+            timestamp: Timestamp::now(),
+            headers: meta.freeze(),
+            body: message.body.clone(),
+        };
+        self.log
+            .append(std::slice::from_ref(&record))
+            .map_err(storage)
+    }
+
+    /// Messages ready for delivery.
+    pub(crate) fn message_count(&self) -> u64 {
+        let st = self.lock();
+        st.ready(self.log.end().0)
+    }
+
+    /// Attached consumers.
+    pub(crate) fn consumer_count(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
+    /// Messages delivered and not yet acknowledged.
+    pub(crate) fn unacked_count(&self) -> usize {
+        self.lock().unacked.len()
+    }
+
+    pub(crate) fn add_consumer(self: &Arc<Self>, spec: ConsumerSpec) -> Result<(), BrokerError> {
+        let mut st = self.lock();
+        if st.consumers.iter().any(|c| c.exclusive) || (spec.exclusive && !st.consumers.is_empty())
+        {
+            return Err(BrokerError::AccessRefused(format!(
+                "queue '{}' in vhost '{}' in exclusive use",
+                self.name, self.vhost
+            )));
+        }
+        st.consumers.push(ConsumerSlot {
+            id: spec.id,
+            tag: spec.tag,
+            channel: spec.channel,
+            prefetch: spec.prefetch,
+            in_flight: 0,
+            no_ack: spec.no_ack,
+            priority: spec.priority,
+            exclusive: spec.exclusive,
+            tx: spec.tx,
+            credit: spec.credit,
+        });
+        st.ever_consumed = true;
+        drop(st);
+        self.pump();
+        Ok(())
+    }
+
+    /// Detaches a consumer. Its unacked messages stay with its channel.
+    /// Returns whether the queue should now be auto-deleted.
+    pub(crate) fn remove_consumer(&self, id: ConsumerId) -> bool {
+        let mut st = self.lock();
+        st.consumers.retain(|c| c.id != id);
+        self.auto_delete && st.ever_consumed && st.consumers.is_empty()
+    }
+
+    /// Delivers ready messages to consumers with credit, until either runs out.
+    pub(crate) fn pump(self: &Arc<Self>) {
+        if self.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = self.lock();
+        let end = self.log.end().0;
+        let mut settled_now = Vec::new();
+        while st.has_ready(end) {
+            let Some(ci) = st.pick_consumer() else {
+                break;
+            };
+            let Some(rec) = st.next_ready(end) else {
+                st.release_pick(ci);
+                break;
+            };
+            let rec = match rec {
+                Ok(rec) => rec,
+                Err(_) => {
+                    // The log reported damage: stop delivering rather than skip.
+                    st.release_pick(ci);
+                    break;
+                }
+            };
+            let offset = rec.offset.0;
+            let Ok(meta) = codec::decode_meta(&rec.headers) else {
+                // A record the codec cannot read was never written by this broker
+                // version; it is settled rather than delivered as garbage.
+                st.release_pick(ci);
+                settled_now.push(offset);
+                st.settle_one(offset);
+                continue;
+            };
+            let count = st.delivered.get(&offset).copied().unwrap_or(0);
+            let redelivered = count > 0;
+            let Some(slot) = st.consumers.get(ci) else {
+                break;
+            };
+            let (no_ack, tag, tx, channel, consumer) = (
+                slot.no_ack,
+                slot.tag.clone(),
+                slot.tx.clone(),
+                slot.channel,
+                slot.id,
+            );
+            let delivery = QueuedDelivery {
+                queue: Arc::clone(self),
+                consumer_tag: tag,
+                offset: rec.offset,
+                redelivered,
+                delivery_count: count + meta.delivery_count,
+                message: Message {
+                    exchange: meta.exchange,
+                    routing_key: meta.routing_key,
+                    properties: meta.properties,
+                    body: rec.body,
+                },
+                settled: no_ack,
+                took_credit: !no_ack,
+            };
+            if no_ack {
+                settled_now.push(offset);
+                st.settle_one(offset);
+            } else {
+                st.delivered.insert(offset, count + 1);
+                st.unacked.insert(
+                    offset,
+                    Holder {
+                        channel,
+                        consumer: Some(consumer),
+                    },
+                );
+            }
+            if tx.send(QueueEvent::Delivery(delivery)).is_err() {
+                // The channel is gone: take the message back and drop the consumer.
+                if !no_ack {
+                    st.unacked.remove(&offset);
+                    st.requeued.insert(offset);
+                }
+                st.consumers.retain(|c| c.id != consumer);
+            }
+        }
+        if !settled_now.is_empty() {
+            self.persist_settled(&mut st, &settled_now);
+        }
+    }
+
+    /// Fetches one message for `basic.get`.
+    pub(crate) fn get(
+        self: &Arc<Self>,
+        channel: ChannelId,
+        no_ack: bool,
+    ) -> Result<Option<Fetched>, BrokerError> {
+        let mut st = self.lock();
+        let end = self.log.end().0;
+        loop {
+            let Some(rec) = st.next_ready(end) else {
+                return Ok(None);
+            };
+            let rec = rec?;
+            let offset = rec.offset.0;
+            let Ok(meta) = codec::decode_meta(&rec.headers) else {
+                st.settle_one(offset);
+                self.persist_settled(&mut st, &[offset]);
+                continue;
+            };
+            let count = st.delivered.get(&offset).copied().unwrap_or(0);
+            if no_ack {
+                st.settle_one(offset);
+                self.persist_settled(&mut st, &[offset]);
+            } else {
+                st.delivered.insert(offset, count + 1);
+                st.unacked.insert(
+                    offset,
+                    Holder {
+                        channel,
+                        consumer: None,
+                    },
+                );
+            }
+            let remaining = st.ready(end);
+            return Ok(Some(Fetched {
+                offset: rec.offset,
+                message: Message {
+                    exchange: meta.exchange,
+                    routing_key: meta.routing_key,
+                    properties: meta.properties,
+                    body: rec.body,
+                },
+                redelivered: count > 0,
+                delivery_count: count + meta.delivery_count,
+                remaining,
+            }));
+        }
+    }
+
+    /// Settles acknowledged messages. Offsets that are not unacked here are ignored.
+    pub(crate) fn ack(self: &Arc<Self>, offsets: &[Offset]) {
+        let mut st = self.lock();
+        let mut done = Vec::with_capacity(offsets.len());
+        for o in offsets {
+            if let Some(holder) = st.unacked.remove(&o.0) {
+                st.release_holder(holder);
+                st.settle_one(o.0);
+                done.push(o.0);
+            }
+        }
+        if !done.is_empty() {
+            self.persist_settled(&mut st, &done);
+        }
+        drop(st);
+        self.pump();
+    }
+
+    /// Returns unacked messages to the queue, ahead of newer ones, marked redelivered.
+    pub(crate) fn requeue(self: &Arc<Self>, offsets: &[Offset]) {
+        let mut st = self.lock();
+        for o in offsets {
+            if let Some(holder) = st.unacked.remove(&o.0) {
+                st.release_holder(holder);
+                st.requeued.insert(o.0);
+            }
+        }
+        drop(st);
+        self.pump();
+    }
+
+    /// A channel closed: its consumers go, and its unacked messages return.
+    pub(crate) fn release_channel(self: &Arc<Self>, channel: ChannelId) -> bool {
+        let mut st = self.lock();
+        st.consumers.retain(|c| c.channel != channel);
+        let back: Vec<u64> = st
+            .unacked
+            .iter()
+            .filter(|(_, h)| h.channel == channel)
+            .map(|(o, _)| *o)
+            .collect();
+        for o in back {
+            st.unacked.remove(&o);
+            st.requeued.insert(o);
+        }
+        let auto_delete = self.auto_delete && st.ever_consumed && st.consumers.is_empty();
+        drop(st);
+        self.pump();
+        auto_delete
+    }
+
+    /// Removes every ready message. Returns how many were removed.
+    pub(crate) fn purge(self: &Arc<Self>) -> u64 {
+        let mut st = self.lock();
+        let end = self.log.end().0;
+        let count = st.ready(end);
+        st.window.clear();
+        st.requeued.clear();
+        if st.unacked.is_empty() {
+            st.floor = end;
+            st.scan = end;
+            st.settled.clear();
+            st.delivered.clear();
+        } else {
+            for o in st.floor..end {
+                if !st.unacked.contains_key(&o) {
+                    st.settled.insert(o);
+                }
+            }
+            st.scan = end;
+            st.advance_floor();
+        }
+        self.checkpoint(&mut st);
+        count
+    }
+
+    /// Marks the queue deleted and tells its consumers.
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+        let mut st = self.lock();
+        for c in st.consumers.drain(..) {
+            let _ = c.tx.send(QueueEvent::Cancelled {
+                consumer_tag: c.tag,
+            });
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn persist_settled(&self, st: &mut QueueState, offsets: &[u64]) {
+        let mut body = BytesMut::with_capacity(1 + offsets.len() * 8);
+        body.put_u8(ACKS);
+        for o in offsets {
+            body.put_u64_le(*o);
+        }
+        // A lost ack only causes a redelivery, so a failed write is not fatal.
+        let _ = self.acks.append(&[StoredRecord {
+            timestamp: Timestamp::now(),
+            headers: Bytes::new(),
+            body: body.freeze(),
+        }]);
+        st.acks_since_checkpoint += 1;
+        if st.acks_since_checkpoint >= CHECKPOINT_EVERY {
+            self.checkpoint(st);
+        }
+    }
+
+    /// Writes the whole settled state as one record, then lets the ack log
+    /// and the message log drop what lies below it.
+    fn checkpoint(&self, st: &mut QueueState) {
+        let mut body = BytesMut::with_capacity(17 + st.settled.len() * 8);
+        body.put_u8(CHECKPOINT);
+        body.put_u64_le(st.floor);
+        body.put_u64_le(st.settled.len() as u64);
+        for o in &st.settled {
+            body.put_u64_le(*o);
+        }
+        let record = StoredRecord {
+            timestamp: Timestamp::now(),
+            headers: Bytes::new(),
+            body: body.freeze(),
+        };
+        if let Ok(appended) = self.acks.append(&[record]) {
+            st.acks_since_checkpoint = 0;
+            let _ = self.acks.delete_before(appended.offsets().start);
+        }
+        let _ = self.log.delete_before(Offset(st.floor));
+    }
+
+    /// Fsyncs the ack log (on shutdown).
+    pub(crate) fn sync(&self) {
+        let _ = self.acks.sync();
+    }
+}
+
+impl QueueState {
+    fn ready(&self, end: u64) -> u64 {
+        end.saturating_sub(self.floor)
+            .saturating_sub(self.settled.len() as u64)
+            .saturating_sub(self.unacked.len() as u64)
+    }
+
+    fn has_ready(&self, end: u64) -> bool {
+        !self.requeued.is_empty() || self.scan < end
+    }
+
+    /// The consumer to deliver to next: highest priority first, round-robin
+    /// among equals, only those with credit. Takes a unit of channel credit.
+    fn pick_consumer(&mut self) -> Option<usize> {
+        let n = self.consumers.len();
+        if n == 0 {
+            return None;
+        }
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (self.next_consumer + k) % n;
+            let Some(c) = self.consumers.get(i) else {
+                continue;
+            };
+            let has_credit = c.no_ack || c.prefetch == 0 || c.in_flight < c.prefetch;
+            if !has_credit {
+                continue;
+            }
+            let better = match best.and_then(|b| self.consumers.get(b)) {
+                None => true,
+                Some(b) => c.priority > b.priority,
+            };
+            if better {
+                // Channel credit is checked last, and only for a candidate.
+                if c.no_ack || c.credit.try_acquire() {
+                    if let Some(prev) = best.and_then(|b| self.consumers.get(b)) {
+                        if !prev.no_ack {
+                            prev.credit.release(1);
+                        }
+                    }
+                    best = Some(i);
+                }
+            }
+        }
+        let i = best?;
+        self.next_consumer = (i + 1) % n;
+        if let Some(c) = self.consumers.get_mut(i) {
+            if !c.no_ack {
+                c.in_flight += 1;
+            }
+        }
+        Some(i)
+    }
+
+    fn release_pick(&mut self, i: usize) {
+        if let Some(c) = self.consumers.get_mut(i) {
+            if !c.no_ack {
+                c.in_flight = c.in_flight.saturating_sub(1);
+                c.credit.release(1);
+            }
+        }
+    }
+
+    fn release_holder(&mut self, holder: Holder) {
+        if let Some(id) = holder.consumer {
+            if let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// The next message to deliver: requeued ones first, in offset order,
+    /// then new ones from the scan position.
+    fn next_ready(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
+        if let Some(o) = self.requeued.pop_first() {
+            let rec = self
+                .random
+                .seek(Offset(o))
+                .and_then(|()| self.random.read(1, 1))
+                .map_err(storage)
+                .and_then(|mut v| {
+                    v.pop().ok_or_else(|| {
+                        BrokerError::Storage(format!("message at offset {o} is missing"))
+                    })
+                });
+            return Some(rec);
+        }
+        while self.scan < end {
+            if self.window.is_empty() {
+                if self.reader.position().0 != self.scan {
+                    if let Err(e) = self.reader.seek(Offset(self.scan)) {
+                        return Some(Err(storage(e)));
+                    }
+                }
+                match self.reader.read(WINDOW_RECORDS, WINDOW_BYTES) {
+                    Ok(batch) if batch.is_empty() => return None,
+                    Ok(batch) => self.window.extend(batch),
+                    Err(e) => return Some(Err(storage(e))),
+                }
+            }
+            let rec = self.window.pop_front()?;
+            if rec.offset.0 != self.scan {
+                self.window.clear();
+                continue;
+            }
+            self.scan += 1;
+            if self.settled.contains(&rec.offset.0) {
+                continue;
+            }
+            return Some(Ok(rec));
+        }
+        None
+    }
+
+    fn settle_one(&mut self, o: u64) {
+        self.delivered.remove(&o);
+        if o >= self.floor {
+            self.settled.insert(o);
+        }
+        self.advance_floor();
+    }
+
+    fn advance_floor(&mut self) {
+        while self.settled.remove(&self.floor) {
+            self.floor += 1;
+        }
+        if self.scan < self.floor {
+            self.scan = self.floor;
+            self.window.clear();
+        }
+    }
+}
+
+/// Applies one ack-log record to the settled state being rebuilt.
+fn apply_ack_record(body: &Bytes, floor: &mut u64, settled: &mut BTreeSet<u64>) {
+    let mut b = body.clone();
+    if !b.has_remaining() {
+        return;
+    }
+    match b.get_u8() {
+        ACKS => {
+            while b.remaining() >= 8 {
+                let o = b.get_u64_le();
+                if o >= *floor {
+                    settled.insert(o);
+                }
+            }
+        }
+        CHECKPOINT if b.remaining() >= 16 => {
+            let f = b.get_u64_le();
+            let n = b.get_u64_le();
+            *floor = (*floor).max(f);
+            for _ in 0..n {
+                if b.remaining() < 8 {
+                    break;
+                }
+                settled.insert(b.get_u64_le());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keeps delivering as messages arrive, until the queue is deleted.
+pub(crate) async fn run(queue: Arc<Queue>) {
+    let Ok(mut tail) = queue.log().reader(queue.log().end()) else {
+        return;
+    };
+    loop {
+        if queue.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        queue.pump();
+        let end = queue.log().end();
+        if tail.seek(end).is_err() {
+            return;
+        }
+        tokio::select! {
+            more = tail.wait_async() => {
+                if !more {
+                    // The log closed: the broker is shutting down.
+                    return;
+                }
+            }
+            _ = queue.wake.notified() => {}
+        }
+    }
+}
