@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,12 +19,14 @@ use tern_storage::{
 };
 
 use crate::channel::Channel;
+use crate::dead_letter;
 use crate::definitions::DefEvent;
 use crate::error::BrokerError;
 use crate::exchange::{Exchange, PREDECLARED};
 use crate::message::Message;
 use crate::name::{ExchangeName, QueueName, VhostName};
-use crate::queue::{self, ConnectionId, Queue, QueueSettings, QueueType};
+use crate::policy::QueuePolicy;
+use crate::queue::{self, ConnectionId, DeadLetterSink, Queue, QueueSettings, QueueType};
 use crate::routing::{Destination, ExchangeKind};
 use crate::value::{FieldTable, FieldValue};
 
@@ -130,6 +132,9 @@ pub struct Published {
     /// How many queues the message was routed to. Zero means unroutable
     /// (a `mandatory` publish is returned to its publisher).
     pub routed: usize,
+    /// Whether a full queue (`x-overflow` reject-publish) refused the
+    /// message: the publisher gets a nack.
+    pub rejected: bool,
     tickets: Vec<Appended>,
 }
 
@@ -137,6 +142,11 @@ impl Published {
     /// Resolves once every queue the message went to has it on disk under
     /// its fsync policy: the moment a publisher confirm may be sent.
     pub async fn confirmed(self) -> Result<(), BrokerError> {
+        if self.rejected {
+            return Err(BrokerError::PreconditionFailed(
+                "a full queue refused the message (x-overflow reject-publish)".into(),
+            ));
+        }
         for ticket in self.tickets {
             ticket.durable().await?;
         }
@@ -157,6 +167,24 @@ struct BrokerInner {
     vhosts: RwLock<HashMap<VhostName, Arc<Vhost>>>,
     next_id: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// How queues reach the broker to dead-letter, without keeping it alive.
+    self_ref: SelfRef,
+}
+
+type SelfRef = Arc<OnceLock<Weak<BrokerInner>>>;
+
+/// The sink through which a queue in `vhost` dead-letters messages.
+fn sink_for(self_ref: &SelfRef, vhost: VhostName) -> DeadLetterSink {
+    let self_ref = Arc::clone(self_ref);
+    DeadLetterSink(Arc::new(move |messages: Vec<Message>| {
+        let Some(inner) = self_ref.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let broker = Broker { inner };
+        for message in messages {
+            broker.republish_dead(&vhost, message);
+        }
+    }))
 }
 
 #[derive(Debug)]
@@ -234,9 +262,10 @@ pub(crate) fn check_arguments_equivalent(
     Ok(())
 }
 
-/// Reads the queue type and refuses arguments this broker does not implement
-/// yet, rather than accepting them and silently ignoring them.
-fn parse_queue_arguments(d: &QueueDeclare) -> Result<QueueType, BrokerError> {
+/// Reads the queue type and checks the arguments, refusing those this broker
+/// does not implement yet rather than accepting and ignoring them.
+fn parse_queue_arguments(d: &QueueDeclare) -> Result<(QueueType, QueuePolicy), BrokerError> {
+    let policy = QueuePolicy::from_arguments(&d.arguments)?;
     let queue_type = match d.arguments.get("x-queue-type") {
         None => QueueType::Classic,
         Some(v) => match v.as_str() {
@@ -261,25 +290,6 @@ fn parse_queue_arguments(d: &QueueDeclare) -> Result<QueueType, BrokerError> {
             }
         },
     };
-    const NOT_YET: [&str; 12] = [
-        "x-message-ttl",
-        "x-expires",
-        "x-max-length",
-        "x-max-length-bytes",
-        "x-overflow",
-        "x-dead-letter-exchange",
-        "x-dead-letter-routing-key",
-        "x-max-priority",
-        "x-delivery-limit",
-        "x-single-active-consumer",
-        "x-queue-mode",
-        "x-queue-master-locator",
-    ];
-    if let Some(arg) = NOT_YET.iter().find(|a| d.arguments.contains_key(**a)) {
-        return Err(BrokerError::NotImplemented(format!(
-            "queue argument '{arg}' is not supported yet"
-        )));
-    }
     if queue_type == QueueType::Quorum {
         let refuse = |what: &str| {
             Err(BrokerError::InvalidArgument {
@@ -297,7 +307,7 @@ fn parse_queue_arguments(d: &QueueDeclare) -> Result<QueueType, BrokerError> {
             return refuse("auto-delete");
         }
     }
-    Ok(queue_type)
+    Ok((queue_type, policy))
 }
 
 /// The state replayed from the definitions log, before queues are opened.
@@ -423,6 +433,7 @@ impl Broker {
             }
         }
         let first_start = events.is_empty();
+        let self_ref: SelfRef = Arc::new(OnceLock::new());
         let replayed = replay(events);
         let mut max_id = 0u64;
         let mut live_logs: Vec<String> = vec![DEFINITIONS_LOG.to_string()];
@@ -465,8 +476,10 @@ impl Broker {
                             durable: true,
                             exclusive_owner: None,
                             auto_delete,
+                            policy: QueuePolicy::from_arguments(&arguments).unwrap_or_default(),
                             arguments,
                             queue_type,
+                            sink: Some(sink_for(&self_ref, vname.clone())),
                         },
                         log,
                         acks,
@@ -502,8 +515,10 @@ impl Broker {
                 vhosts: RwLock::new(vhosts),
                 next_id: AtomicU64::new(max_id + 1),
                 runtime,
+                self_ref: Arc::clone(&self_ref),
             }),
         };
+        let _ = self_ref.set(Arc::downgrade(&broker.inner));
         for queue in queues_to_run {
             broker.spawn_queue(queue);
         }
@@ -804,7 +819,7 @@ impl Broker {
                     "queue name '{name}' contains reserved prefix 'amq.'"
                 )));
             }
-            let queue_type = parse_queue_arguments(&d)?;
+            let (queue_type, policy) = parse_queue_arguments(&d)?;
             let id = self.next_id();
             let persistent = d.durable && !d.exclusive;
             let durability = if persistent {
@@ -839,6 +854,8 @@ impl Broker {
                     auto_delete: d.auto_delete,
                     arguments: d.arguments.clone(),
                     queue_type,
+                    policy,
+                    sink: Some(self.dead_letter_sink(vh.name.clone())),
                 },
                 log,
                 acks,
@@ -1183,14 +1200,46 @@ impl Broker {
         let vh = self.vhost(vhost)?;
         let st = vh.read();
         let queues = route(&vh.name, &st, &message)?;
+        if let Some(expiration) = &message.properties.expiration {
+            crate::policy::parse_expiration(expiration)?;
+        }
         let mut tickets = Vec::with_capacity(queues.len());
+        let mut rejected = false;
         for q in &queues {
+            if q.refuses(&message) {
+                rejected = true;
+                continue;
+            }
             tickets.push(q.append(&message)?);
         }
         Ok(Published {
             routed: queues.len(),
+            rejected,
             tickets,
         })
+    }
+
+    fn dead_letter_sink(&self, vhost: VhostName) -> DeadLetterSink {
+        sink_for(&self.inner.self_ref, vhost)
+    }
+
+    /// Routes a dead-lettered message like a publish, but never back into a
+    /// queue it would cycle through, and without waiting: a dead letter that
+    /// cannot be routed is dropped, as in RabbitMQ.
+    fn republish_dead(&self, vhost: &VhostName, message: Message) {
+        let Ok(vh) = self.vhost(vhost.as_str()) else {
+            return;
+        };
+        let st = vh.read();
+        let Ok(queues) = route(&vh.name, &st, &message) else {
+            return;
+        };
+        for q in queues {
+            if dead_letter::is_cycle(&message, q.name.as_str()) || q.refuses(&message) {
+                continue;
+            }
+            let _ = q.append(&message);
+        }
     }
 
     /// Opens a channel in `vhost` for a connection.

@@ -340,8 +340,8 @@ impl Channel {
         }
         for (queue, offsets) in by_queue {
             match how {
-                // Without dead-lettering yet, a rejected message is dropped: settled.
-                Settle::Ack | Settle::Drop => queue.ack(&offsets),
+                Settle::Ack => queue.ack(&offsets),
+                Settle::Drop => queue.reject(&offsets),
                 Settle::Requeue => queue.requeue(&offsets),
             }
         }

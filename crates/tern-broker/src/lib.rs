@@ -9,11 +9,13 @@
 mod broker;
 mod channel;
 pub mod codec;
+mod dead_letter;
 mod definitions;
 pub mod error;
 mod exchange;
 pub mod message;
 pub mod name;
+mod policy;
 mod queue;
 pub mod routing;
 pub mod value;

@@ -26,10 +26,23 @@ use tern_storage::{Log, Message as StoredRecord, Offset, Reader, Record, Timesta
 use tokio::sync::{mpsc, Notify};
 
 use crate::codec::{self, StoredMeta};
+use crate::dead_letter::{self, Reason};
 use crate::error::BrokerError;
 use crate::message::Message;
 use crate::name::{QueueName, VhostName};
+use crate::policy::{self, Overflow, QueuePolicy};
 use crate::value::FieldTable;
+
+/// Where a queue sends the messages it dead-letters: the broker republishes
+/// them to their dead-letter exchange.
+#[derive(Clone)]
+pub(crate) struct DeadLetterSink(pub(crate) Arc<dyn Fn(Vec<Message>) + Send + Sync>);
+
+impl std::fmt::Debug for DeadLetterSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeadLetterSink")
+    }
+}
 
 /// Identifies a client connection, which owns exclusive queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -212,6 +225,8 @@ pub(crate) struct Queue {
     pub(crate) auto_delete: bool,
     pub(crate) arguments: FieldTable,
     pub(crate) queue_type: QueueType,
+    pub(crate) policy: QueuePolicy,
+    sink: Option<DeadLetterSink>,
     log: Log,
     acks: Log,
     state: Mutex<QueueState>,
@@ -230,6 +245,8 @@ pub(crate) struct QueueSettings {
     pub(crate) auto_delete: bool,
     pub(crate) arguments: FieldTable,
     pub(crate) queue_type: QueueType,
+    pub(crate) policy: QueuePolicy,
+    pub(crate) sink: Option<DeadLetterSink>,
 }
 
 fn storage(e: tern_storage::StorageError) -> BrokerError {
@@ -271,6 +288,8 @@ impl Queue {
             auto_delete: settings.auto_delete,
             arguments: settings.arguments,
             queue_type: settings.queue_type,
+            policy: settings.policy,
+            sink: settings.sink,
             log,
             acks,
             state: Mutex::new(QueueState {
@@ -300,6 +319,67 @@ impl Queue {
     /// The message log, for the queue's task to wait on.
     pub(crate) fn log(&self) -> &Log {
         &self.log
+    }
+
+    /// Whether the queue refuses a new message because it is full
+    /// (`x-overflow` reject-publish or reject-publish-dlx). A refused message
+    /// is dead-lettered under reject-publish-dlx.
+    pub(crate) fn refuses(&self, message: &Message) -> bool {
+        let Some(max) = self.policy.max_length else {
+            return false;
+        };
+        if self.policy.overflow == Overflow::DropHead || self.message_count() < max {
+            return false;
+        }
+        if self.policy.overflow == Overflow::RejectPublishDlx {
+            self.publish_dead(self.dead_lettered(vec![(message.clone(), Reason::MaxLen)]));
+        }
+        true
+    }
+
+    /// Rewrites messages for the dead-letter exchange, if the queue has one.
+    fn dead_lettered(&self, dead: Vec<(Message, Reason)>) -> Vec<Message> {
+        let Some(dlx) = &self.policy.dead_letter_exchange else {
+            return Vec::new();
+        };
+        let now = Timestamp::now().0 / 1000;
+        dead.into_iter()
+            .map(|(m, reason)| {
+                dead_letter::dead_letter(
+                    m,
+                    self.name.as_str(),
+                    reason,
+                    dlx,
+                    self.policy.dead_letter_routing_key.as_deref(),
+                    now,
+                )
+            })
+            .collect()
+    }
+
+    /// Hands dead-lettered messages to the broker. Called without the state
+    /// lock held, because republishing takes the vhost's lock.
+    fn publish_dead(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        if let Some(sink) = &self.sink {
+            (sink.0)(messages);
+        }
+    }
+
+    /// When a stored message expires, by the queue's TTL or its own, if ever.
+    fn expires_at(&self, rec: &Record, meta: &StoredMeta) -> Option<u64> {
+        let own = meta
+            .properties
+            .expiration
+            .as_deref()
+            .and_then(|e| policy::parse_expiration(e).ok());
+        let ttl = match (self.policy.message_ttl, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(rec.timestamp.0.saturating_add(ttl))
     }
 
     /// Appends a routed message. The returned ticket resolves when it is durable.
@@ -380,24 +460,28 @@ impl Queue {
         if self.deleted.load(Ordering::Acquire) {
             return;
         }
-        let mut st = self.lock();
+        let dead = {
+            let mut st = self.lock();
+            self.pump_locked(&mut st)
+        };
+        self.publish_dead(self.dead_lettered(dead));
+    }
+
+    fn pump_locked(self: &Arc<Self>, st: &mut QueueState) -> Vec<(Message, Reason)> {
         let end = self.log.end().0;
+        let now = Timestamp::now().0;
         let mut settled_now = Vec::new();
+        let mut dead = Vec::new();
+        self.enforce_max_length(st, end, &mut settled_now, &mut dead);
         while st.has_ready(end) {
             let Some(ci) = st.pick_consumer() else {
                 break;
             };
-            let Some(rec) = st.next_ready(end) else {
+            let Some(Ok(rec)) = st.next_ready(end) else {
+                // Nothing ready after all, or the log reported damage: stop
+                // delivering rather than skip anything.
                 st.release_pick(ci);
                 break;
-            };
-            let rec = match rec {
-                Ok(rec) => rec,
-                Err(_) => {
-                    // The log reported damage: stop delivering rather than skip.
-                    st.release_pick(ci);
-                    break;
-                }
             };
             let offset = rec.offset.0;
             let Ok(meta) = codec::decode_meta(&rec.headers) else {
@@ -408,8 +492,14 @@ impl Queue {
                 st.settle_one(offset);
                 continue;
             };
+            if self.expires_at(&rec, &meta).is_some_and(|t| t <= now) {
+                st.release_pick(ci);
+                settled_now.push(offset);
+                st.settle_one(offset);
+                dead.push((stored_message(meta, rec.body), Reason::Expired));
+                continue;
+            }
             let count = st.delivered.get(&offset).copied().unwrap_or(0);
-            let redelivered = count > 0;
             let Some(slot) = st.consumers.get(ci) else {
                 break;
             };
@@ -424,14 +514,9 @@ impl Queue {
                 queue: Arc::clone(self),
                 consumer_tag: tag,
                 offset: rec.offset,
-                redelivered,
+                redelivered: count > 0,
                 delivery_count: count + meta.delivery_count,
-                message: Message {
-                    exchange: meta.exchange,
-                    routing_key: meta.routing_key,
-                    properties: meta.properties,
-                    body: rec.body,
-                },
+                message: self.outgoing(meta, rec.body, count),
                 settled: no_ack,
                 took_credit: !no_ack,
             };
@@ -458,8 +543,90 @@ impl Queue {
             }
         }
         if !settled_now.is_empty() {
-            self.persist_settled(&mut st, &settled_now);
+            self.persist_settled(st, &settled_now);
         }
+        dead
+    }
+
+    /// The message as delivered: quorum queues tell consumers how many
+    /// times it was delivered before, in `x-delivery-count`.
+    fn outgoing(&self, meta: StoredMeta, body: Bytes, count: u32) -> Message {
+        let mut message = stored_message(meta, body);
+        if self.queue_type == QueueType::Quorum && count > 0 {
+            message
+                .properties
+                .headers
+                .get_or_insert_with(FieldTable::new)
+                .insert(
+                    "x-delivery-count".into(),
+                    crate::value::FieldValue::I64(i64::from(count)),
+                );
+        }
+        message
+    }
+
+    /// Drops (or dead-letters) the oldest ready messages while the queue is
+    /// longer than `x-max-length` under the drop-head overflow.
+    fn enforce_max_length(
+        &self,
+        st: &mut QueueState,
+        end: u64,
+        settled: &mut Vec<u64>,
+        dead: &mut Vec<(Message, Reason)>,
+    ) {
+        let Some(max) = self.policy.max_length else {
+            return;
+        };
+        if self.policy.overflow != Overflow::DropHead {
+            return;
+        }
+        while st.ready(end) > max {
+            let Some(Ok(rec)) = st.next_ready(end) else {
+                break;
+            };
+            let offset = rec.offset.0;
+            settled.push(offset);
+            st.settle_one(offset);
+            if let Ok(meta) = codec::decode_meta(&rec.headers) {
+                dead.push((stored_message(meta, rec.body), Reason::MaxLen));
+            }
+        }
+    }
+
+    /// Removes expired messages from the head of the queue. Returns when
+    /// the next one expires, in milliseconds since the epoch, if any does.
+    pub(crate) fn expire(self: &Arc<Self>) -> Option<u64> {
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.lock();
+            let end = self.log.end().0;
+            let now = Timestamp::now().0;
+            let mut settled = Vec::new();
+            let next = loop {
+                let Some(Ok(rec)) = st.peek_ready(end) else {
+                    break None;
+                };
+                let Ok(meta) = codec::decode_meta(&rec.headers) else {
+                    break None;
+                };
+                match self.expires_at(&rec, &meta) {
+                    Some(t) if t <= now => {
+                        if let Some(Ok(rec)) = st.next_ready(end) {
+                            settled.push(rec.offset.0);
+                            st.settle_one(rec.offset.0);
+                            dead.push((stored_message(meta, rec.body), Reason::Expired));
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            if !settled.is_empty() {
+                self.persist_settled(&mut st, &settled);
+            }
+            next
+        };
+        self.publish_dead(self.dead_lettered(dead));
+        next
     }
 
     /// Fetches one message for `basic.get`.
@@ -481,6 +648,19 @@ impl Queue {
                 self.persist_settled(&mut st, &[offset]);
                 continue;
             };
+            if self
+                .expires_at(&rec, &meta)
+                .is_some_and(|t| t <= Timestamp::now().0)
+            {
+                st.settle_one(offset);
+                self.persist_settled(&mut st, &[offset]);
+                let dead =
+                    self.dead_lettered(vec![(stored_message(meta, rec.body), Reason::Expired)]);
+                drop(st);
+                self.publish_dead(dead);
+                st = self.lock();
+                continue;
+            }
             let count = st.delivered.get(&offset).copied().unwrap_or(0);
             if no_ack {
                 st.settle_one(offset);
@@ -498,14 +678,9 @@ impl Queue {
             let remaining = st.ready(end);
             return Ok(Some(Fetched {
                 offset: rec.offset,
-                message: Message {
-                    exchange: meta.exchange,
-                    routing_key: meta.routing_key,
-                    properties: meta.properties,
-                    body: rec.body,
-                },
-                redelivered: count > 0,
                 delivery_count: count + meta.delivery_count,
+                message: self.outgoing(meta, rec.body, count),
+                redelivered: count > 0,
                 remaining,
             }));
         }
@@ -529,17 +704,76 @@ impl Queue {
         self.pump();
     }
 
-    /// Returns unacked messages to the queue, ahead of newer ones, marked redelivered.
+    /// Returns unacked messages to the queue, ahead of newer ones, marked
+    /// redelivered; a message past its delivery limit is dead-lettered instead.
     pub(crate) fn requeue(self: &Arc<Self>, offsets: &[Offset]) {
-        let mut st = self.lock();
-        for o in offsets {
-            if let Some(holder) = st.unacked.remove(&o.0) {
-                st.release_holder(holder);
-                st.requeued.insert(o.0);
+        let dead = {
+            let mut st = self.lock();
+            let mut over_limit = Vec::new();
+            for o in offsets {
+                if let Some(holder) = st.unacked.remove(&o.0) {
+                    st.release_holder(holder);
+                    let delivered = u64::from(st.delivered.get(&o.0).copied().unwrap_or(0));
+                    if self
+                        .policy
+                        .delivery_limit
+                        .is_some_and(|limit| delivered > limit)
+                    {
+                        over_limit.push(*o);
+                    } else {
+                        st.requeued.insert(o.0);
+                    }
+                }
             }
-        }
-        drop(st);
+            self.settle_dead(&mut st, &over_limit, Reason::DeliveryLimit)
+        };
+        self.publish_dead(self.dead_lettered(dead));
         self.pump();
+    }
+
+    /// Settles rejected (not requeued) messages, dead-lettering them if the
+    /// queue has a dead-letter exchange.
+    pub(crate) fn reject(self: &Arc<Self>, offsets: &[Offset]) {
+        let dead = {
+            let mut st = self.lock();
+            let mut taken = Vec::new();
+            for o in offsets {
+                if let Some(holder) = st.unacked.remove(&o.0) {
+                    st.release_holder(holder);
+                    taken.push(*o);
+                }
+            }
+            self.settle_dead(&mut st, &taken, Reason::Rejected)
+        };
+        self.publish_dead(self.dead_lettered(dead));
+        self.pump();
+    }
+
+    /// Settles messages that are no longer unacked, reading them back for
+    /// dead-lettering when the queue has somewhere to send them.
+    fn settle_dead(
+        &self,
+        st: &mut QueueState,
+        offsets: &[Offset],
+        reason: Reason,
+    ) -> Vec<(Message, Reason)> {
+        let mut dead = Vec::new();
+        if offsets.is_empty() {
+            return dead;
+        }
+        for o in offsets {
+            if self.policy.dead_letter_exchange.is_some() {
+                if let Some(Ok(rec)) = st.read_at(o.0) {
+                    if let Ok(meta) = codec::decode_meta(&rec.headers) {
+                        dead.push((stored_message(meta, rec.body), reason));
+                    }
+                }
+            }
+            st.settle_one(o.0);
+        }
+        let raw: Vec<u64> = offsets.iter().map(|o| o.0).collect();
+        self.persist_settled(st, &raw);
+        dead
     }
 
     /// A channel closed: its consumers go, and its unacked messages return.
@@ -717,21 +951,59 @@ impl QueueState {
         }
     }
 
+    /// Reads the record at offset `o` out of order.
+    fn read_at(&mut self, o: u64) -> Option<Result<Record, BrokerError>> {
+        let rec = self
+            .random
+            .seek(Offset(o))
+            .and_then(|()| self.random.read(1, 1))
+            .map_err(storage)
+            .and_then(|mut v| {
+                v.pop().ok_or_else(|| {
+                    BrokerError::Storage(format!("message at offset {o} is missing"))
+                })
+            });
+        Some(rec)
+    }
+
+    /// The message [`next_ready`](Self::next_ready) would return, left in place.
+    fn peek_ready(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
+        if let Some(&o) = self.requeued.first() {
+            return self.read_at(o);
+        }
+        while self.scan < end {
+            if self.window.is_empty() {
+                if self.reader.position().0 != self.scan {
+                    if let Err(e) = self.reader.seek(Offset(self.scan)) {
+                        return Some(Err(storage(e)));
+                    }
+                }
+                match self.reader.read(WINDOW_RECORDS, WINDOW_BYTES) {
+                    Ok(batch) if batch.is_empty() => return None,
+                    Ok(batch) => self.window.extend(batch),
+                    Err(e) => return Some(Err(storage(e))),
+                }
+            }
+            let front = self.window.front()?;
+            if front.offset.0 != self.scan {
+                self.window.clear();
+                continue;
+            }
+            if self.settled.contains(&self.scan) {
+                self.window.pop_front();
+                self.scan += 1;
+                continue;
+            }
+            return Some(Ok(front.clone()));
+        }
+        None
+    }
+
     /// The next message to deliver: requeued ones first, in offset order,
     /// then new ones from the scan position.
     fn next_ready(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
         if let Some(o) = self.requeued.pop_first() {
-            let rec = self
-                .random
-                .seek(Offset(o))
-                .and_then(|()| self.random.read(1, 1))
-                .map_err(storage)
-                .and_then(|mut v| {
-                    v.pop().ok_or_else(|| {
-                        BrokerError::Storage(format!("message at offset {o} is missing"))
-                    })
-                });
-            return Some(rec);
+            return self.read_at(o);
         }
         while self.scan < end {
             if self.window.is_empty() {
@@ -779,6 +1051,15 @@ impl QueueState {
     }
 }
 
+fn stored_message(meta: StoredMeta, body: Bytes) -> Message {
+    Message {
+        exchange: meta.exchange,
+        routing_key: meta.routing_key,
+        properties: meta.properties,
+        body,
+    }
+}
+
 /// Applies one ack-log record to the settled state being rebuilt.
 fn apply_ack_record(body: &Bytes, floor: &mut u64, settled: &mut BTreeSet<u64>) {
     let mut b = body.clone();
@@ -809,7 +1090,19 @@ fn apply_ack_record(body: &Bytes, floor: &mut u64, settled: &mut BTreeSet<u64>) 
     }
 }
 
-/// Keeps delivering as messages arrive, until the queue is deleted.
+/// Sleeps until `at` (milliseconds since the epoch), or forever if `None`.
+async fn sleep_until_ms(at: Option<u64>) {
+    match at {
+        Some(at) => {
+            let wait = at.saturating_sub(Timestamp::now().0);
+            tokio::time::sleep(std::time::Duration::from_millis(wait.max(1))).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps delivering as messages arrive and expiring them when due, until the
+/// queue is deleted.
 pub(crate) async fn run(queue: Arc<Queue>) {
     let Ok(mut tail) = queue.log().reader(queue.log().end()) else {
         return;
@@ -819,6 +1112,7 @@ pub(crate) async fn run(queue: Arc<Queue>) {
             return;
         }
         queue.pump();
+        let next_expiry = queue.expire();
         let end = queue.log().end();
         if tail.seek(end).is_err() {
             return;
@@ -831,6 +1125,7 @@ pub(crate) async fn run(queue: Arc<Queue>) {
                 }
             }
             _ = queue.wake.notified() => {}
+            _ = sleep_until_ms(next_expiry) => {}
         }
     }
 }
