@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::{SmallRng, StdRng};
 use rand::{Rng, SeedableRng};
 use tern_storage::{
-    Appended, Durability, Log, LogConfig, Message, Offset, Record, RecoveryEvent, Store,
-    StoreConfig, Timestamp,
+    Appended, Durability, Log, LogConfig, Message, Offset, Record, RecoveryEvent, StorageError,
+    Store, StoreConfig, Timestamp,
 };
 
 /// Set in the child's environment: the store directory to append to.
@@ -141,7 +141,7 @@ fn crash_child() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| die(format!("{CHILD_ROUND_VAR} must be a number")));
-    let store = Store::open(&dir, store_config())
+    let store = open_store(Path::new(&dir))
         .unwrap_or_else(|e| die(format!("child cannot open the store: {e}")));
     let logs: Vec<Log> = LOGS
         .iter()
@@ -441,10 +441,25 @@ fn read_acks(stdout: impl Read) -> Vec<Ack> {
     }
 }
 
+/// Opens the store, waiting out a `Locked` that is not ours: another test in
+/// this process may be spawning a child at this moment, and between its fork
+/// and its exec that child holds a copy of every open file, the lock included.
+fn open_store(dir: &Path) -> tern_storage::Result<Store> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Store::open(dir, store_config()) {
+            Err(StorageError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Reopens the store after a kill and checks every log against `expected`,
 /// then records what it saw there for the next round, and closes the store.
 fn check_store(dir: &Path, expected: &mut Expected) -> Checked {
-    let store = Store::open(dir, store_config()).expect("the store reopens after SIGKILL");
+    let store = open_store(dir).expect("the store reopens after SIGKILL");
     let mut checked = Checked {
         store_events: store.recovery_events().len(),
         ..Checked::default()
