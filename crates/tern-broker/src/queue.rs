@@ -189,6 +189,11 @@ pub(crate) struct Fetched {
 
 const ACKS: u8 = 0;
 const CHECKPOINT: u8 = 1;
+/// Offsets handed to a consumer: each record adds one to their delivery
+/// counts, so that `redelivered`, `x-delivery-count` and the delivery limit
+/// survive a restart (a poison message cannot reset its count by crashing
+/// the broker).
+const DELIVERED: u8 = 2;
 /// Ack records between checkpoints of the ack log.
 const CHECKPOINT_EVERY: u64 = 4096;
 /// Records read ahead from the message log at a time.
@@ -262,6 +267,7 @@ impl Queue {
     ) -> Result<Arc<Queue>, BrokerError> {
         let mut floor = 0u64;
         let mut settled = BTreeSet::new();
+        let mut delivered: HashMap<u64, u32> = HashMap::new();
         let mut reader = acks.reader(acks.start()).map_err(storage)?;
         loop {
             let batch = reader.read(1024, 4 << 20).map_err(storage)?;
@@ -269,7 +275,7 @@ impl Queue {
                 break;
             }
             for rec in batch {
-                apply_ack_record(&rec.body, &mut floor, &mut settled);
+                apply_ack_record(&rec.body, &mut floor, &mut settled, &mut delivered);
             }
         }
         floor = floor.max(log.start().0);
@@ -277,6 +283,7 @@ impl Queue {
         while settled.remove(&floor) {
             floor += 1;
         }
+        delivered.retain(|o, _| *o >= floor && !settled.contains(o));
         let reader = log.reader(Offset(floor)).map_err(storage)?;
         let random = log.reader(Offset(floor)).map_err(storage)?;
         Ok(Arc::new(Queue {
@@ -297,7 +304,7 @@ impl Queue {
                 scan: floor,
                 settled,
                 requeued: BTreeSet::new(),
-                delivered: HashMap::new(),
+                delivered,
                 unacked: HashMap::new(),
                 window: VecDeque::new(),
                 reader,
@@ -471,6 +478,7 @@ impl Queue {
         let end = self.log.end().0;
         let now = Timestamp::now().0;
         let mut settled_now = Vec::new();
+        let mut delivered_now = Vec::new();
         let mut dead = Vec::new();
         self.enforce_max_length(st, end, &mut settled_now, &mut dead);
         while st.has_ready(end) {
@@ -525,6 +533,7 @@ impl Queue {
                 st.settle_one(offset);
             } else {
                 st.delivered.insert(offset, count + 1);
+                delivered_now.push(offset);
                 st.unacked.insert(
                     offset,
                     Holder {
@@ -542,9 +551,8 @@ impl Queue {
                 st.consumers.retain(|c| c.id != consumer);
             }
         }
-        if !settled_now.is_empty() {
-            self.persist_settled(st, &settled_now);
-        }
+        self.persist_delivered(st, &delivered_now);
+        self.persist_settled(st, &settled_now);
         dead
     }
 
@@ -667,6 +675,7 @@ impl Queue {
                 self.persist_settled(&mut st, &[offset]);
             } else {
                 st.delivered.insert(offset, count + 1);
+                self.persist_delivered(&mut st, &[offset]);
                 st.unacked.insert(
                     offset,
                     Holder {
@@ -835,8 +844,19 @@ impl Queue {
     }
 
     fn persist_settled(&self, st: &mut QueueState, offsets: &[u64]) {
+        self.persist_offsets(st, ACKS, offsets);
+    }
+
+    fn persist_delivered(&self, st: &mut QueueState, offsets: &[u64]) {
+        self.persist_offsets(st, DELIVERED, offsets);
+    }
+
+    fn persist_offsets(&self, st: &mut QueueState, kind: u8, offsets: &[u64]) {
+        if offsets.is_empty() {
+            return;
+        }
         let mut body = BytesMut::with_capacity(1 + offsets.len() * 8);
-        body.put_u8(ACKS);
+        body.put_u8(kind);
         for o in offsets {
             body.put_u64_le(*o);
         }
@@ -861,6 +881,11 @@ impl Queue {
         body.put_u64_le(st.settled.len() as u64);
         for o in &st.settled {
             body.put_u64_le(*o);
+        }
+        body.put_u64_le(st.delivered.len() as u64);
+        for (o, count) in &st.delivered {
+            body.put_u64_le(*o);
+            body.put_u32_le(*count);
         }
         let record = StoredRecord {
             timestamp: Timestamp::now(),
@@ -1061,7 +1086,12 @@ fn stored_message(meta: StoredMeta, body: Bytes) -> Message {
 }
 
 /// Applies one ack-log record to the settled state being rebuilt.
-fn apply_ack_record(body: &Bytes, floor: &mut u64, settled: &mut BTreeSet<u64>) {
+fn apply_ack_record(
+    body: &Bytes,
+    floor: &mut u64,
+    settled: &mut BTreeSet<u64>,
+    delivered: &mut HashMap<u64, u32>,
+) {
     let mut b = body.clone();
     if !b.has_remaining() {
         return;
@@ -1073,6 +1103,12 @@ fn apply_ack_record(body: &Bytes, floor: &mut u64, settled: &mut BTreeSet<u64>) 
                 if o >= *floor {
                     settled.insert(o);
                 }
+                delivered.remove(&o);
+            }
+        }
+        DELIVERED => {
+            while b.remaining() >= 8 {
+                *delivered.entry(b.get_u64_le()).or_insert(0) += 1;
             }
         }
         CHECKPOINT if b.remaining() >= 16 => {
@@ -1084,6 +1120,18 @@ fn apply_ack_record(body: &Bytes, floor: &mut u64, settled: &mut BTreeSet<u64>) 
                     break;
                 }
                 settled.insert(b.get_u64_le());
+            }
+            // A checkpoint states every delivery count in full.
+            delivered.clear();
+            if b.remaining() >= 8 {
+                let n = b.get_u64_le();
+                for _ in 0..n {
+                    if b.remaining() < 12 {
+                        break;
+                    }
+                    let o = b.get_u64_le();
+                    delivered.insert(o, b.get_u32_le());
+                }
             }
         }
         _ => {}

@@ -262,3 +262,61 @@ async fn an_expiry_cycle_back_into_the_same_queue_is_broken() {
         "the expired message came back at most once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_counts_survive_a_restart_so_a_poison_message_cannot_reset_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let qq = || {
+        let mut q = QueueDeclare::new("poison");
+        q.arguments = args(&[
+            ("x-queue-type", s("quorum")),
+            ("x-delivery-limit", FieldValue::I32(1)),
+            ("x-dead-letter-exchange", s("dlx")),
+        ]);
+        q
+    };
+    {
+        let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+        let conn = broker.new_connection_id();
+        broker
+            .declare_exchange("/", ExchangeDeclare::new("dlx", ExchangeKind::Fanout))
+            .await
+            .unwrap();
+        broker
+            .declare_queue("/", QueueDeclare::new("dead"), conn)
+            .await
+            .unwrap();
+        broker
+            .bind_queue("/", "dead", "dlx", "", &FieldTable::new(), conn)
+            .await
+            .unwrap();
+        broker.declare_queue("/", qq(), conn).await.unwrap();
+        publish(&broker, message("poison", "boom")).await;
+        let mut ch = broker.open_channel("/", conn).unwrap();
+        let first = fetch(&mut ch, "poison").await;
+        assert!(!first.redelivered);
+        // The consumer "crashes" with the broker: no ack, no nack.
+        drop(ch);
+        broker.close().unwrap();
+    }
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let conn = broker.new_connection_id();
+    let mut ch = broker.open_channel("/", conn).unwrap();
+    let second = fetch(&mut ch, "poison").await;
+    assert!(
+        second.redelivered,
+        "a message delivered before the restart is flagged redelivered"
+    );
+    assert_eq!(
+        second
+            .message
+            .properties
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("x-delivery-count")),
+        Some(&FieldValue::I64(1))
+    );
+    ch.nack(second.tag, false, true).unwrap();
+    let dead = fetch(&mut ch, "dead").await;
+    assert_eq!(field(&death(&dead.message), "reason"), &s("delivery_limit"));
+}
