@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_storage::{
-    Appended, Durability, Log, LogConfig, Message as StoredRecord, Store, StoreConfig, Timestamp,
+    Appended, Durability, JournalStats, Log, LogConfig, Message as StoredRecord, Store,
+    StoreConfig, Timestamp,
 };
 
 use crate::channel::Channel;
@@ -201,12 +202,21 @@ struct VhostState {
 
 impl Vhost {
     fn new(name: VhostName) -> Vhost {
+        let vhost_name = name.clone();
         let mut state = VhostState::default();
         for (n, kind) in PREDECLARED {
             let name = ExchangeName::new(n).unwrap_or_else(|_| ExchangeName::default_exchange());
             state.exchanges.insert(
                 name.clone(),
-                Exchange::new(name, kind, true, false, false, FieldTable::new()),
+                Exchange::new(
+                    &vhost_name,
+                    name,
+                    kind,
+                    true,
+                    false,
+                    false,
+                    FieldTable::new(),
+                ),
             );
         }
         Vhost {
@@ -448,7 +458,7 @@ impl Broker {
                     let name = ExchangeName::new(name)?;
                     st.exchanges.insert(
                         name.clone(),
-                        Exchange::new(name, kind, true, auto_delete, internal, arguments),
+                        Exchange::new(&vname, name, kind, true, auto_delete, internal, arguments),
                     );
                 }
                 for (name, (id, auto_delete, arguments)) in rv.queues {
@@ -690,6 +700,7 @@ impl Broker {
             st.exchanges.insert(
                 name.clone(),
                 Exchange::new(
+                    &vh.name,
                     name,
                     kind,
                     d.durable,
@@ -1282,6 +1293,17 @@ impl Broker {
         Ok(())
     }
 
+    /// What the storage journal has done since the broker opened: group
+    /// commits (one fsync each), batches, records and bytes. `None` once closed.
+    pub fn journal_stats(&self) -> Option<JournalStats> {
+        self.inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Store::journal_stats)
+    }
+
     /// Stops every queue and closes the store, flushing it to disk. Other
     /// clones of the handle stop working.
     pub fn close(self) -> Result<(), BrokerError> {
@@ -1441,6 +1463,10 @@ fn route(
                 }
             }
         }
+    }
+    start.metrics.published.increment(1);
+    if queues.is_empty() {
+        start.metrics.unroutable.increment(1);
     }
     Ok(queues)
 }

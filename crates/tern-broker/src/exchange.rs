@@ -2,6 +2,7 @@
 
 use crate::error::BrokerError;
 use crate::name::{ExchangeName, VhostName};
+use crate::observe::ExchangeMetrics;
 use crate::routing::{ExchangeKind, RoutingTable};
 use crate::value::FieldTable;
 
@@ -25,10 +26,12 @@ pub(crate) struct Exchange {
     pub(crate) internal: bool,
     pub(crate) arguments: FieldTable,
     pub(crate) table: RoutingTable,
+    pub(crate) metrics: ExchangeMetrics,
 }
 
 impl Exchange {
     pub(crate) fn new(
+        vhost: &VhostName,
         name: ExchangeName,
         kind: ExchangeKind,
         durable: bool,
@@ -37,6 +40,7 @@ impl Exchange {
         arguments: FieldTable,
     ) -> Exchange {
         Exchange {
+            metrics: ExchangeMetrics::new(vhost.as_str(), name.as_str()),
             name,
             kind,
             durable,

@@ -15,6 +15,7 @@ pub mod error;
 mod exchange;
 pub mod message;
 pub mod name;
+mod observe;
 mod policy;
 mod queue;
 pub mod routing;
@@ -31,3 +32,6 @@ pub use message::{Message, Properties};
 pub use name::{ExchangeName, NameError, QueueName, VhostName};
 pub use routing::{Destination, ExchangeKind, RoutingTable};
 pub use value::{FieldTable, FieldValue};
+
+/// The storage journal's counters, from [`Broker::journal_stats`].
+pub use tern_storage::JournalStats;

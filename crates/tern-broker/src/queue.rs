@@ -30,6 +30,7 @@ use crate::dead_letter::{self, Reason};
 use crate::error::BrokerError;
 use crate::message::Message;
 use crate::name::{QueueName, VhostName};
+use crate::observe::QueueMetrics;
 use crate::policy::{self, Overflow, QueuePolicy};
 use crate::value::FieldTable;
 
@@ -232,6 +233,7 @@ pub(crate) struct Queue {
     pub(crate) queue_type: QueueType,
     pub(crate) policy: QueuePolicy,
     sink: Option<DeadLetterSink>,
+    metrics: QueueMetrics,
     log: Log,
     acks: Log,
     state: Mutex<QueueState>,
@@ -286,6 +288,7 @@ impl Queue {
         delivered.retain(|o, _| *o >= floor && !settled.contains(o));
         let reader = log.reader(Offset(floor)).map_err(storage)?;
         let random = log.reader(Offset(floor)).map_err(storage)?;
+        let metrics = QueueMetrics::new(settings.vhost.as_str(), settings.name.as_str());
         Ok(Arc::new(Queue {
             vhost: settings.vhost,
             name: settings.name,
@@ -297,6 +300,7 @@ impl Queue {
             queue_type: settings.queue_type,
             policy: settings.policy,
             sink: settings.sink,
+            metrics,
             log,
             acks,
             state: Mutex::new(QueueState {
@@ -346,6 +350,10 @@ impl Queue {
 
     /// Rewrites messages for the dead-letter exchange, if the queue has one.
     fn dead_lettered(&self, dead: Vec<(Message, Reason)>) -> Vec<Message> {
+        let has_dlx = self.policy.dead_letter_exchange.is_some();
+        for (_, reason) in &dead {
+            self.metrics.died(*reason, has_dlx);
+        }
         let Some(dlx) = &self.policy.dead_letter_exchange else {
             return Vec::new();
         };
@@ -406,9 +414,22 @@ impl Queue {
             headers: meta.freeze(),
             body: message.body.clone(),
         };
-        self.log
+        let appended = self
+            .log
             .append(std::slice::from_ref(&record))
-            .map_err(storage)
+            .map_err(storage)?;
+        self.metrics.published.increment(1);
+        self.metrics
+            .published_bytes
+            .increment(message.body.len() as u64);
+        Ok(appended)
+    }
+
+    /// Publishes the queue's current depths to its gauges.
+    fn observe(&self, st: &QueueState) {
+        self.metrics.ready.set(st.ready(self.log.end().0) as f64);
+        self.metrics.unacked.set(st.unacked.len() as f64);
+        self.metrics.consumers.set(st.consumers.len() as f64);
     }
 
     /// Messages ready for delivery.
@@ -534,6 +555,9 @@ impl Queue {
             } else {
                 st.delivered.insert(offset, count + 1);
                 delivered_now.push(offset);
+                if count > 0 {
+                    self.metrics.redelivered.increment(1);
+                }
                 st.unacked.insert(
                     offset,
                     Holder {
@@ -551,8 +575,10 @@ impl Queue {
                 st.consumers.retain(|c| c.id != consumer);
             }
         }
+        self.metrics.delivered.increment(delivered_now.len() as u64);
         self.persist_delivered(st, &delivered_now);
         self.persist_settled(st, &settled_now);
+        self.observe(st);
         dead
     }
 
@@ -684,6 +710,11 @@ impl Queue {
                     },
                 );
             }
+            self.metrics.delivered.increment(1);
+            if count > 0 {
+                self.metrics.redelivered.increment(1);
+            }
+            self.observe(&st);
             let remaining = st.ready(end);
             return Ok(Some(Fetched {
                 offset: rec.offset,
@@ -706,9 +737,8 @@ impl Queue {
                 done.push(o.0);
             }
         }
-        if !done.is_empty() {
-            self.persist_settled(&mut st, &done);
-        }
+        self.metrics.acked.increment(done.len() as u64);
+        self.persist_settled(&mut st, &done);
         drop(st);
         self.pump();
     }
@@ -771,11 +801,11 @@ impl Queue {
             return dead;
         }
         for o in offsets {
-            if self.policy.dead_letter_exchange.is_some() {
-                if let Some(Ok(rec)) = st.read_at(o.0) {
-                    if let Ok(meta) = codec::decode_meta(&rec.headers) {
-                        dead.push((stored_message(meta, rec.body), reason));
-                    }
+            if self.policy.dead_letter_exchange.is_none() {
+                self.metrics.died(reason, false);
+            } else if let Some(Ok(rec)) = st.read_at(o.0) {
+                if let Ok(meta) = codec::decode_meta(&rec.headers) {
+                    dead.push((stored_message(meta, rec.body), reason));
                 }
             }
             st.settle_one(o.0);
@@ -827,6 +857,7 @@ impl Queue {
             st.advance_floor();
         }
         self.checkpoint(&mut st);
+        self.observe(&st);
         count
     }
 
@@ -1159,9 +1190,11 @@ pub(crate) async fn run(queue: Arc<Queue>) {
         if queue.deleted.load(Ordering::Acquire) {
             return;
         }
+        // Read the end before delivering: a commit that lands while the queue
+        // delivers then wakes the wait below, instead of going unnoticed.
+        let end = queue.log().end();
         queue.pump();
         let next_expiry = queue.expire();
-        let end = queue.log().end();
         if tail.seek(end).is_err() {
             return;
         }
