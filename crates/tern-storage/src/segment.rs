@@ -493,8 +493,9 @@ pub(crate) struct ActiveSegment {
     flushed_index_count: usize,
 }
 
-/// Above this, a flushed write buffer gives its memory back, so that a burst
-/// to one log does not pin memory for every log.
+/// At a checkpoint, a write buffer larger than this gives its memory back, so
+/// that a burst to one log does not pin memory for every log. Shrinking only
+/// then, not after every flush, spares busy logs a reallocation per commit.
 const KEEP_BUFFER: usize = 1 << 20;
 
 /// Where to roll back to if a write fails part-way.
@@ -805,7 +806,6 @@ impl ActiveSegment {
                 .map_err(|e| StorageError::io("writing segment", &self.seg.path, e))?;
             self.flushed_len += self.unflushed.len() as u64;
             self.unflushed.clear();
-            self.unflushed.shrink_to(KEEP_BUFFER);
         }
         if !self.unflushed_index.is_empty() {
             let at = INDEX_HEADER_LEN + (self.flushed_index_count * INDEX_ENTRY_LEN) as u64;
@@ -865,6 +865,7 @@ impl ActiveSegment {
     /// Flushes the segment and its index to disk.
     pub(crate) fn sync(&mut self) -> Result<()> {
         self.flush()?;
+        self.unflushed.shrink_to(KEEP_BUFFER);
         self.seg.sync()?;
         self.index_file
             .sync_data()
