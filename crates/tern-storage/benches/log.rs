@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Sample counts and measurement times are kept small so that the whole run
-//! takes a couple of minutes. The data goes to a temporary directory under the
+//! takes well under a minute. The data goes to a temporary directory under the
 //! workspace's `target/` rather than `/tmp`, which may be a tmpfs (where an
 //! fsync costs nothing). For the figures against the project's targets, run the
 //! `storage-bench` example instead.
