@@ -27,7 +27,9 @@ use crate::exchange::{Exchange, PREDECLARED};
 use crate::message::Message;
 use crate::name::{ExchangeName, QueueName, VhostName};
 use crate::policy::QueuePolicy;
-use crate::queue::{self, ConnectionId, DeadLetterSink, Queue, QueueSettings, QueueType};
+use crate::queue::{
+    self, ConnectionId, DeadLetterSink, Queue, QueueExpirer, QueueSettings, QueueType,
+};
 use crate::routing::{Destination, ExchangeKind};
 use crate::value::{FieldTable, FieldValue};
 
@@ -173,6 +175,16 @@ struct BrokerInner {
 }
 
 type SelfRef = Arc<OnceLock<Weak<BrokerInner>>>;
+
+/// How a queue unused for its `x-expires` has the broker delete it.
+fn expirer_for(self_ref: &SelfRef) -> QueueExpirer {
+    let self_ref = Arc::clone(self_ref);
+    QueueExpirer(Arc::new(move |queue: &Arc<Queue>| {
+        if let Some(inner) = self_ref.get().and_then(Weak::upgrade) {
+            Broker { inner }.auto_delete_queue(queue);
+        }
+    }))
+}
 
 /// The sink through which a queue in `vhost` dead-letters messages.
 fn sink_for(self_ref: &SelfRef, vhost: VhostName) -> DeadLetterSink {
@@ -490,6 +502,7 @@ impl Broker {
                             arguments,
                             queue_type,
                             sink: Some(sink_for(&self_ref, vname.clone())),
+                            expirer: Some(expirer_for(&self_ref)),
                         },
                         log,
                         acks,
@@ -804,6 +817,7 @@ impl Broker {
             if !name.as_str().is_empty() {
                 if let Some(q) = st.queues.get(&name) {
                     check_owner(q, Some(owner))?;
+                    q.touch();
                     if !d.passive {
                         check_queue_equivalent(q, &d)?;
                     }
@@ -867,6 +881,7 @@ impl Broker {
                     queue_type,
                     policy,
                     sink: Some(self.dead_letter_sink(vh.name.clone())),
+                    expirer: Some(expirer_for(&self.inner.self_ref)),
                 },
                 log,
                 acks,

@@ -27,12 +27,13 @@ pub(crate) struct QueuePolicy {
     pub(crate) max_length: Option<u64>,
     pub(crate) overflow: Overflow,
     pub(crate) delivery_limit: Option<u64>,
+    /// Delete the queue after this many milliseconds unused (`x-expires`).
+    pub(crate) expires: Option<u64>,
 }
 
 /// Arguments that RabbitMQ defines and this broker does not implement yet:
 /// refused rather than silently ignored.
-const NOT_YET: [&str; 6] = [
-    "x-expires",
+const NOT_YET: [&str; 5] = [
     "x-max-length-bytes",
     "x-max-priority",
     "x-single-active-consumer",
@@ -112,6 +113,10 @@ impl QueuePolicy {
             max_length: non_negative(args, "x-max-length")?,
             overflow,
             delivery_limit: non_negative(args, "x-delivery-limit")?,
+            expires: match non_negative(args, "x-expires")? {
+                Some(0) => return Err(invalid("x-expires", "must be at least 1 millisecond")),
+                other => other,
+            },
         })
     }
 }
@@ -172,8 +177,10 @@ mod tests {
             let err = QueuePolicy::from_arguments(&bad).unwrap_err();
             assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
         }
-        let err =
-            QueuePolicy::from_arguments(&args(&[("x-expires", FieldValue::I32(1))])).unwrap_err();
+        assert!(QueuePolicy::from_arguments(&args(&[("x-expires", FieldValue::I32(0))])).is_err());
+        let err = QueuePolicy::from_arguments(&args(&[("x-max-priority", FieldValue::I32(1))]))
+            .unwrap_err();
+
         assert!(matches!(err, BrokerError::NotImplemented(_)));
         assert_eq!(parse_expiration("250").unwrap(), 250);
         assert!(parse_expiration("-5").is_err());

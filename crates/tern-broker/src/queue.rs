@@ -18,7 +18,7 @@
 //! at-least-once allows.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -42,6 +42,18 @@ pub(crate) struct DeadLetterSink(pub(crate) Arc<dyn Fn(Vec<Message>) + Send + Sy
 impl std::fmt::Debug for DeadLetterSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DeadLetterSink")
+    }
+}
+
+/// How a queue asks the broker to delete it once unused for `x-expires`.
+#[derive(Clone)]
+pub(crate) struct QueueExpirer(pub(crate) Arc<ExpireFn>);
+
+type ExpireFn = dyn Fn(&Arc<Queue>) + Send + Sync;
+
+impl std::fmt::Debug for QueueExpirer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueExpirer")
     }
 }
 
@@ -233,6 +245,10 @@ pub(crate) struct Queue {
     pub(crate) queue_type: QueueType,
     pub(crate) policy: QueuePolicy,
     sink: Option<DeadLetterSink>,
+    expirer: Option<QueueExpirer>,
+    /// When the queue was last used (milliseconds since the epoch): a
+    /// consumer came or went, a `get`, or a redeclaration. Drives `x-expires`.
+    last_used: AtomicU64,
     metrics: QueueMetrics,
     log: Log,
     acks: Log,
@@ -254,6 +270,7 @@ pub(crate) struct QueueSettings {
     pub(crate) queue_type: QueueType,
     pub(crate) policy: QueuePolicy,
     pub(crate) sink: Option<DeadLetterSink>,
+    pub(crate) expirer: Option<QueueExpirer>,
 }
 
 fn storage(e: tern_storage::StorageError) -> BrokerError {
@@ -300,6 +317,8 @@ impl Queue {
             queue_type: settings.queue_type,
             policy: settings.policy,
             sink: settings.sink,
+            expirer: settings.expirer,
+            last_used: AtomicU64::new(Timestamp::now().0),
             metrics,
             log,
             acks,
@@ -432,6 +451,31 @@ impl Queue {
         self.metrics.consumers.set(st.consumers.len() as f64);
     }
 
+    /// Records a use of the queue, which postpones its `x-expires`.
+    pub(crate) fn touch(&self) {
+        self.last_used.store(Timestamp::now().0, Ordering::Release);
+    }
+
+    /// When the queue expires for want of use, if it has `x-expires` and no
+    /// consumers; deletes it if that time has come.
+    fn check_unused(self: &Arc<Self>) -> Option<u64> {
+        let expires = self.policy.expires?;
+        if self.consumer_count() > 0 {
+            return None;
+        }
+        let at = self
+            .last_used
+            .load(Ordering::Acquire)
+            .saturating_add(expires);
+        if at > Timestamp::now().0 {
+            return Some(at);
+        }
+        if let Some(expirer) = &self.expirer {
+            (expirer.0)(self);
+        }
+        None
+    }
+
     /// Messages ready for delivery.
     pub(crate) fn message_count(&self) -> u64 {
         let st = self.lock();
@@ -471,6 +515,7 @@ impl Queue {
         });
         st.ever_consumed = true;
         drop(st);
+        self.touch();
         self.pump();
         Ok(())
     }
@@ -480,6 +525,10 @@ impl Queue {
     pub(crate) fn remove_consumer(&self, id: ConsumerId) -> bool {
         let mut st = self.lock();
         st.consumers.retain(|c| c.id != id);
+        // The x-expires clock starts when the last consumer goes; the task
+        // must look again only once the consumer is gone.
+        self.touch();
+        self.wake.notify_one();
         self.auto_delete && st.ever_consumed && st.consumers.is_empty()
     }
 
@@ -669,6 +718,7 @@ impl Queue {
         channel: ChannelId,
         no_ack: bool,
     ) -> Result<Option<Fetched>, BrokerError> {
+        self.touch();
         let mut st = self.lock();
         let end = self.log.end().0;
         loop {
@@ -819,6 +869,8 @@ impl Queue {
     pub(crate) fn release_channel(self: &Arc<Self>, channel: ChannelId) -> bool {
         let mut st = self.lock();
         st.consumers.retain(|c| c.channel != channel);
+        self.touch();
+        self.wake.notify_one();
         let back: Vec<u64> = st
             .unacked
             .iter()
@@ -1194,7 +1246,10 @@ pub(crate) async fn run(queue: Arc<Queue>) {
         // delivers then wakes the wait below, instead of going unnoticed.
         let end = queue.log().end();
         queue.pump();
-        let next_expiry = queue.expire();
+        let next_expiry = match (queue.expire(), queue.check_unused()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if tail.seek(end).is_err() {
             return;
         }

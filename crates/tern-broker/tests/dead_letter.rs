@@ -320,3 +320,41 @@ async fn delivery_counts_survive_a_restart_so_a_poison_message_cannot_reset_its_
     let dead = fetch(&mut ch, "dead").await;
     assert_eq!(field(&death(&dead.message), "reason"), &s("delivery_limit"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_queue_with_x_expires_is_deleted_and_a_used_one_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let conn = broker.new_connection_id();
+    let expiring = |name: &str| {
+        let mut q = QueueDeclare::new(name);
+        q.arguments = args(&[("x-expires", FieldValue::I32(150))]);
+        q
+    };
+    broker
+        .declare_queue("/", expiring("idle"), conn)
+        .await
+        .unwrap();
+    broker
+        .declare_queue("/", expiring("busy"), conn)
+        .await
+        .unwrap();
+    let mut ch = broker.open_channel("/", conn).unwrap();
+    ch.consume("busy", ConsumeOptions::default()).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        broker.queue_info("/", "idle").unwrap_err().reply_code(),
+        ReplyCode::NotFound
+    );
+    assert!(
+        broker.queue_info("/", "busy").is_ok(),
+        "a queue with a consumer is in use"
+    );
+    drop(ch);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        broker.queue_info("/", "busy").unwrap_err().reply_code(),
+        ReplyCode::NotFound,
+        "once its last consumer goes, the clock starts"
+    );
+}
