@@ -29,13 +29,14 @@ pub(crate) struct QueuePolicy {
     pub(crate) delivery_limit: Option<u64>,
     /// Delete the queue after this many milliseconds unused (`x-expires`).
     pub(crate) expires: Option<u64>,
+    /// Deliver higher-priority messages first, priorities capped here (`x-max-priority`).
+    pub(crate) max_priority: Option<u8>,
 }
 
 /// Arguments that RabbitMQ defines and this broker does not implement yet:
 /// refused rather than silently ignored.
-const NOT_YET: [&str; 5] = [
+const NOT_YET: [&str; 4] = [
     "x-max-length-bytes",
-    "x-max-priority",
     "x-single-active-consumer",
     "x-queue-mode",
     "x-queue-master-locator",
@@ -113,6 +114,16 @@ impl QueuePolicy {
             max_length: non_negative(args, "x-max-length")?,
             overflow,
             delivery_limit: non_negative(args, "x-delivery-limit")?,
+            max_priority: match non_negative(args, "x-max-priority")? {
+                None => None,
+                Some(p @ 1..=255) => Some(p as u8),
+                Some(p) => {
+                    return Err(invalid(
+                        "x-max-priority",
+                        format!("must be between 1 and 255, got {p}"),
+                    ))
+                }
+            },
             expires: match non_negative(args, "x-expires")? {
                 Some(0) => return Err(invalid("x-expires", "must be at least 1 millisecond")),
                 other => other,
@@ -178,7 +189,10 @@ mod tests {
             assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
         }
         assert!(QueuePolicy::from_arguments(&args(&[("x-expires", FieldValue::I32(0))])).is_err());
-        let err = QueuePolicy::from_arguments(&args(&[("x-max-priority", FieldValue::I32(1))]))
+        assert!(
+            QueuePolicy::from_arguments(&args(&[("x-max-priority", FieldValue::I32(0))])).is_err()
+        );
+        let err = QueuePolicy::from_arguments(&args(&[("x-max-length-bytes", FieldValue::I32(1))]))
             .unwrap_err();
 
         assert!(matches!(err, BrokerError::NotImplemented(_)));

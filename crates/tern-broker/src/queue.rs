@@ -17,6 +17,7 @@
 //! for an fsync, since losing one only means a redelivery, which
 //! at-least-once allows.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -218,7 +219,14 @@ struct QueueState {
     floor: u64,
     scan: u64,
     settled: BTreeSet<u64>,
-    requeued: BTreeSet<u64>,
+    /// Messages ready to be delivered before the scan position: returned ones,
+    /// and in a priority queue every scanned one. Ordered by priority (highest
+    /// first), then offset, so a plain queue (all priority 0) is FIFO.
+    requeued: BTreeSet<(Reverse<u8>, u64)>,
+    /// For a priority queue (`x-max-priority`): the priority of every message
+    /// taken from the scan and not yet settled.
+    max_priority: Option<u8>,
+    priorities: HashMap<u64, u8>,
     /// Delivered at least once: for the `redelivered` flag and delivery counts.
     delivered: HashMap<u64, u32>,
     unacked: HashMap<u64, Holder>,
@@ -306,6 +314,7 @@ impl Queue {
         let reader = log.reader(Offset(floor)).map_err(storage)?;
         let random = log.reader(Offset(floor)).map_err(storage)?;
         let metrics = QueueMetrics::new(settings.vhost.as_str(), settings.name.as_str());
+        let max_priority = settings.policy.max_priority;
         Ok(Arc::new(Queue {
             vhost: settings.vhost,
             name: settings.name,
@@ -327,6 +336,8 @@ impl Queue {
                 scan: floor,
                 settled,
                 requeued: BTreeSet::new(),
+                max_priority,
+                priorities: HashMap::new(),
                 delivered,
                 unacked: HashMap::new(),
                 window: VecDeque::new(),
@@ -619,7 +630,7 @@ impl Queue {
                 // The channel is gone: take the message back and drop the consumer.
                 if !no_ack {
                     st.unacked.remove(&offset);
-                    st.requeued.insert(offset);
+                    st.requeue_one(offset);
                 }
                 st.consumers.retain(|c| c.id != consumer);
             }
@@ -810,7 +821,7 @@ impl Queue {
                     {
                         over_limit.push(*o);
                     } else {
-                        st.requeued.insert(o.0);
+                        st.requeue_one(o.0);
                     }
                 }
             }
@@ -879,7 +890,7 @@ impl Queue {
             .collect();
         for o in back {
             st.unacked.remove(&o);
-            st.requeued.insert(o);
+            st.requeue_one(o);
         }
         let auto_delete = self.auto_delete && st.ever_consumed && st.consumers.is_empty();
         drop(st);
@@ -894,6 +905,7 @@ impl Queue {
         let count = st.ready(end);
         st.window.clear();
         st.requeued.clear();
+        st.priorities.clear();
         if st.unacked.is_empty() {
             st.floor = end;
             st.scan = end;
@@ -1076,7 +1088,12 @@ impl QueueState {
 
     /// The message [`next_ready`](Self::next_ready) would return, left in place.
     fn peek_ready(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
-        if let Some(&o) = self.requeued.first() {
+        if self.max_priority.is_some() {
+            if let Err(e) = self.absorb(end) {
+                return Some(Err(e));
+            }
+        }
+        if let Some(&(_, o)) = self.requeued.first() {
             return self.read_at(o);
         }
         while self.scan < end {
@@ -1110,9 +1127,19 @@ impl QueueState {
     /// The next message to deliver: requeued ones first, in offset order,
     /// then new ones from the scan position.
     fn next_ready(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
-        if let Some(o) = self.requeued.pop_first() {
+        if self.max_priority.is_some() {
+            if let Err(e) = self.absorb(end) {
+                return Some(Err(e));
+            }
+        }
+        if let Some((_, o)) = self.requeued.pop_first() {
             return self.read_at(o);
         }
+        self.next_scanned(end)
+    }
+
+    /// The next unsettled message at the scan position, through the read-ahead window.
+    fn next_scanned(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
         while self.scan < end {
             if self.window.is_empty() {
                 if self.reader.position().0 != self.scan {
@@ -1140,8 +1167,37 @@ impl QueueState {
         None
     }
 
+    /// Puts an unacked message back among the ready ones, in its priority's place.
+    fn requeue_one(&mut self, o: u64) {
+        let priority = self.priorities.get(&o).copied().unwrap_or(0);
+        self.requeued.insert((Reverse(priority), o));
+    }
+
+    /// Priority queues order every ready message by priority, so they take
+    /// everything committed from the scan into the ordered set, reading each
+    /// message's priority once. This costs an entry in memory per ready
+    /// message, which is why it is only done for queues that ask for it.
+    fn absorb(&mut self, end: u64) -> Result<(), BrokerError> {
+        let max = self.max_priority.unwrap_or(0);
+        while self.scan < end {
+            let Some(rec) = self.next_scanned(end) else {
+                break;
+            };
+            let rec = rec?;
+            let priority = codec::decode_meta(&rec.headers)
+                .ok()
+                .and_then(|m| m.properties.priority)
+                .unwrap_or(0)
+                .min(max);
+            self.priorities.insert(rec.offset.0, priority);
+            self.requeued.insert((Reverse(priority), rec.offset.0));
+        }
+        Ok(())
+    }
+
     fn settle_one(&mut self, o: u64) {
         self.delivered.remove(&o);
+        self.priorities.remove(&o);
         if o >= self.floor {
             self.settled.insert(o);
         }

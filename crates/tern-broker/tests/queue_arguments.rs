@@ -1,6 +1,7 @@
-//! Dead-lettering, TTL, length limits and the delivery limit behave as
-//! RabbitMQ's do: the message reaches the dead-letter exchange with an
-//! `x-death` history that says why, from where, and how often.
+//! The queue arguments behave as RabbitMQ's do: dead-lettering (the message
+//! reaches the dead-letter exchange with an `x-death` history that says why,
+//! from where, and how often), message and queue TTLs, length limits, the
+//! delivery limit, `x-expires` and `x-max-priority`.
 
 #![allow(clippy::unwrap_used)] // a test helper that fails should panic
 
@@ -357,4 +358,50 @@ async fn an_unused_queue_with_x_expires_is_deleted_and_a_used_one_is_kept() {
         ReplyCode::NotFound,
         "once its last consumer goes, the clock starts"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_queue_delivers_higher_priorities_first_and_fifo_within_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let conn = broker.new_connection_id();
+    let mut q = QueueDeclare::new("jobs");
+    q.arguments = args(&[("x-max-priority", FieldValue::I32(5))]);
+    broker.declare_queue("/", q, conn).await.unwrap();
+    // (body, priority): 9 is capped at the queue's maximum of 5.
+    for (body, priority) in [
+        ("a", None),
+        ("b", Some(3)),
+        ("c", Some(9)),
+        ("d", Some(3)),
+        ("e", Some(5)),
+    ] {
+        let mut m = message("jobs", body);
+        m.properties.priority = priority;
+        publish(&broker, m).await;
+    }
+    let mut ch = broker.open_channel("/", conn).unwrap();
+    let mut order = Vec::new();
+    let mut tags = Vec::new();
+    for _ in 0..5 {
+        let m = fetch(&mut ch, "jobs").await;
+        order.push(String::from_utf8(m.message.body.to_vec()).unwrap());
+        tags.push(m.tag);
+    }
+    assert_eq!(order, ["c", "e", "b", "d", "a"]);
+    // Returned messages go back to their priority's place.
+    ch.nack(tags[2], false, true).unwrap(); // b (3)
+    ch.nack(tags[4], false, true).unwrap(); // a (0)
+    let mut p = message("jobs", "f");
+    p.properties.priority = Some(4);
+    publish(&broker, p).await;
+    let again: Vec<String> = [
+        fetch(&mut ch, "jobs").await,
+        fetch(&mut ch, "jobs").await,
+        fetch(&mut ch, "jobs").await,
+    ]
+    .iter()
+    .map(|m| String::from_utf8(m.message.body.to_vec()).unwrap())
+    .collect();
+    assert_eq!(again, ["f", "b", "a"]);
 }
