@@ -92,6 +92,11 @@ pub struct StoreConfig {
     /// Appenders wait once this many bytes are queued for the next group
     /// commit, so a slow disk pushes back instead of growing memory.
     pub max_pending_bytes: usize,
+    /// Whether a group commit that touches a single log fsyncs that log's
+    /// segment instead of writing and fsyncing the journal: one fsync either
+    /// way, but each byte is written once instead of twice. On by default;
+    /// tests turn it off to exercise the journal.
+    pub single_log_commits_skip_journal: bool,
 }
 
 impl Default for StoreConfig {
@@ -99,6 +104,7 @@ impl Default for StoreConfig {
         StoreConfig {
             journal_checkpoint_bytes: 128 * 1024 * 1024,
             max_pending_bytes: 32 * 1024 * 1024,
+            single_log_commits_skip_journal: true,
         }
     }
 }

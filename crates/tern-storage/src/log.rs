@@ -149,6 +149,11 @@ impl LogWriter {
         self.active.rollback(sp)
     }
 
+    /// Fsyncs the active segment's data (not its index, which is derived).
+    pub(crate) fn sync_segment(&self) -> Result<()> {
+        self.active.seg.sync()
+    }
+
     /// Writes the frames appended since the last flush to the segment file.
     pub(crate) fn flush(&mut self) -> Result<()> {
         self.active.flush()

@@ -724,7 +724,11 @@ fn a_sealed_segments_damaged_index_body_is_rebuilt_on_first_use() {
 /// journal before any checkpoint. Returns the copy's journal file and the
 /// log's segment in the copy.
 fn copy_with_live_journal(dir: &Path, copy: &Path, batches: u64) -> (PathBuf, PathBuf) {
-    let store = Store::open(dir, StoreConfig::default()).expect("open store");
+    let config = StoreConfig {
+        single_log_commits_skip_journal: false,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir, config).expect("open store");
     let log = store.open_log("q", LogConfig::default()).expect("open log");
     append_batches(&log, 0..batches, msg);
     copy_dir(dir, copy);

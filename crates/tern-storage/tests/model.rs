@@ -85,15 +85,16 @@ fn config(durability: Durability) -> LogConfig {
     }
 }
 
-fn store_config() -> StoreConfig {
+fn store_config(skip_journal: bool) -> StoreConfig {
     StoreConfig {
+        single_log_commits_skip_journal: skip_journal,
         journal_checkpoint_bytes: 16 * 1024,
         ..StoreConfig::default()
     }
 }
 
-fn open(dir: &std::path::Path) -> (Store, Vec<Log>) {
-    let store = Store::open(dir, store_config()).expect("open store");
+fn open(dir: &std::path::Path, skip_journal: bool) -> (Store, Vec<Log>) {
+    let store = Store::open(dir, store_config(skip_journal)).expect("open store");
     let logs = LOGS
         .iter()
         .map(|(name, d)| store.open_log(name, config(*d)).expect("open log"))
@@ -136,9 +137,9 @@ fn check_all(logs: &[Log], models: &[Model]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, skip_journal: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut store, mut logs) = open(dir.path());
+    let (mut store, mut logs) = open(dir.path(), skip_journal);
     let mut models: Vec<Model> = LOGS.iter().map(|_| Model::default()).collect();
     for op in ops {
         match op {
@@ -214,7 +215,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 store
                     .close()
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                (store, logs) = open(dir.path());
+                (store, logs) = open(dir.path(), skip_journal);
                 check_all(&logs, &models)?;
             }
             Op::DeleteBefore { log, watermark } => {
@@ -258,7 +259,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     store
         .close()
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let (store, logs) = open(dir.path());
+    let (store, logs) = open(dir.path(), skip_journal);
     check_all(&logs, &models)?;
     drop(logs);
     store
@@ -271,7 +272,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_log_matches_the_model(ops in prop::collection::vec(op(), 1..80)) {
-        run(ops)?;
+    fn the_log_matches_the_model(ops in prop::collection::vec(op(), 1..80), skip_journal in any::<bool>()) {
+        run(ops, skip_journal)?;
     }
 }
