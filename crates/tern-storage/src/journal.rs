@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::{BufMut, BytesMut};
 use tokio::sync::oneshot;
@@ -39,6 +39,7 @@ use crate::log::{sync_dir, LogShared};
 use crate::record::{Message, Offset, Offsets};
 use crate::recovery::RecoveryEvent;
 use crate::segment::any_valid_frame;
+use crate::segment::{CommitPoint, Segment};
 
 const JOURNAL_MAGIC: &[u8; 8] = b"TERNWAL\0";
 pub(crate) const JOURNAL_VERSION: u32 = 1;
@@ -194,7 +195,7 @@ impl JournalShared {
 #[derive(Debug)]
 pub(crate) struct JournalWriter {
     shared: Arc<JournalShared>,
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     seq: u64,
     len: u64,
@@ -233,7 +234,7 @@ impl JournalWriter {
         let (file, path) = create_journal_file(&shared.dir, seq)?;
         Ok(JournalWriter {
             shared,
-            file,
+            file: Arc::new(file),
             path,
             seq,
             len: JOURNAL_HEADER_LEN,
@@ -243,7 +244,29 @@ impl JournalWriter {
     }
 
     /// The writer thread's loop; returns after a shutdown, once drained.
+    ///
+    /// Commits are pipelined over two threads: this one writes commit N+1
+    /// while the sync thread fsyncs commit N, publishes it and completes its
+    /// appends. The hand-over is a rendezvous, so at most one commit waits
+    /// for its fsync while the next is written, and commits complete in order.
     pub(crate) fn run(mut self) {
+        let (jobs, inbox) = mpsc::sync_channel::<SyncJob>(0);
+        let shared = Arc::clone(&self.shared);
+        let syncer = std::thread::Builder::new()
+            .name("tern-journal-sync".into())
+            .spawn(move || run_sync(&shared, inbox));
+        let syncer = match syncer {
+            Ok(handle) => handle,
+            Err(e) => {
+                let err = StorageError::io(
+                    "starting the journal sync thread for",
+                    &self.shared.store_dir,
+                    e,
+                );
+                self.fail(Vec::new(), err);
+                return;
+            }
+        };
         loop {
             let (buf, entries) = {
                 let mut p = self.shared.lock();
@@ -266,18 +289,31 @@ impl JournalWriter {
             self.shared.has_room.notify_all();
             let mut entries = entries;
             while !entries.is_empty() {
+                if let Some(reason) = self.shared.failure() {
+                    let err = StorageError::Failed {
+                        path: self.shared.store_dir.clone(),
+                        reason,
+                    };
+                    self.fail(entries, err);
+                    break;
+                }
                 // A log's segment may roll only between commits, so a commit
                 // stops before the batch that would overfill a segment.
                 let n = rollover_prefix(&entries);
                 let rest = entries.split_off(n);
-                match self.commit(&buf, &entries) {
-                    Ok(touched) => {
-                        for log in &touched {
-                            let w = log.lock_writer();
-                            log.commit(&w);
-                        }
-                        for e in entries {
-                            let _ = e.done.send(Ok(()));
+                match self.prepare(&buf, &entries) {
+                    Ok((target, points)) => {
+                        let job = SyncJob {
+                            target,
+                            points,
+                            entries,
+                        };
+                        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                            let err = StorageError::Failed {
+                                path: self.shared.store_dir.clone(),
+                                reason: "the journal sync thread stopped".into(),
+                            };
+                            self.fail(job.entries, err);
                         }
                         entries = rest;
                     }
@@ -297,17 +333,20 @@ impl JournalWriter {
                 }
             }
         }
+        drop(jobs);
+        let _ = syncer.join();
         if let Err(err) = self.checkpoint() {
             self.fail(Vec::new(), err);
         }
     }
 
-    /// Writes and fsyncs one group commit of `entries`, whose bytes lie in
-    /// `buf`. On error, everything it wrote is undone.
-    fn commit(&mut self, buf: &[u8], entries: &[Entry]) -> Result<Vec<Arc<LogShared>>> {
+    /// Writes one group commit of `entries`, whose bytes lie in `buf`, and
+    /// says what must be fsynced for it and what to publish afterwards. On
+    /// error, everything it wrote is undone.
+    fn prepare(&mut self, buf: &[u8], entries: &[Entry]) -> Result<(SyncTarget, Vec<Publish>)> {
         let range = match (entries.first(), entries.last()) {
             (Some(first), Some(last)) => first.entry_start..last.frame.end,
-            _ => return Ok(Vec::new()),
+            _ => return Ok((SyncTarget::Nothing, Vec::new())),
         };
         let bytes = self.slice(buf, range)?;
         let mut touched: Vec<Arc<LogShared>> = Vec::new();
@@ -352,30 +391,27 @@ impl JournalWriter {
                 let frame = self.slice(buf, e.frame.clone())?;
                 e.log.write_frame(&mut w, frame, &e.enc);
             }
+            let mut points = Vec::with_capacity(touched.len());
             for log in &touched {
-                log.lock_writer().flush()?;
+                let mut w = log.lock_writer();
+                w.flush()?;
+                points.push((Arc::clone(log), w.commit_point()));
             }
-            match touched.first() {
-                Some(log) if direct => log.lock_writer().sync_segment(),
-                _ => self
-                    .file
-                    .sync_data()
-                    .map_err(|e| StorageError::io("syncing journal", &self.path, e)),
-            }
+            Ok(points)
         })();
         match result {
-            Ok(()) => {
+            Ok(points) => {
                 let written = if direct { 0 } else { bytes.len() as u64 };
                 self.len = pre + written;
-                let stats = &self.shared.stats;
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .batches
-                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                let records: u64 = entries.iter().map(|e| u64::from(e.enc.count)).sum();
-                stats.records.fetch_add(records, Ordering::Relaxed);
-                stats.bytes.fetch_add(written, Ordering::Relaxed);
-                Ok(touched)
+                self.shared
+                    .stats
+                    .bytes
+                    .fetch_add(written, Ordering::Relaxed);
+                let target = match points.first() {
+                    Some((_, point)) if direct => SyncTarget::Segment(Arc::clone(point.segment())),
+                    _ => SyncTarget::Journal(Arc::clone(&self.file), self.path.clone()),
+                };
+                Ok((target, points))
             }
             Err(err) => {
                 let truncated = self.file.set_len(pre);
@@ -412,8 +448,11 @@ impl JournalWriter {
             p.buf.clear();
             let later = std::mem::take(&mut p.entries);
             // Offsets handed out to failed batches are taken back, so offsets stay dense.
+            // The writer's end, not the committed one: batches already
+            // written and waiting for their fsync keep their offsets.
             for e in entries.iter().chain(later.iter()) {
-                e.log.reserved_end.store(e.log.end().0, Ordering::Release);
+                let end = e.log.lock_writer().end();
+                e.log.reserved_end.store(end.0, Ordering::Release);
             }
             later
         };
@@ -436,13 +475,85 @@ impl JournalWriter {
             .checkpoints
             .fetch_add(1, Ordering::Relaxed);
         let old = std::mem::replace(&mut self.path, path);
-        self.file = file;
+        self.file = Arc::new(file);
         self.seq += 1;
         self.len = JOURNAL_HEADER_LEN;
         // If the removal is lost in a crash, replaying the old file is harmless:
         // batches the logs already hold are skipped.
         fs::remove_file(&old)
             .map_err(|e| StorageError::io("removing checkpointed journal", &old, e))
+    }
+}
+
+/// What a prepared commit needs fsynced before it may complete.
+#[derive(Debug)]
+enum SyncTarget {
+    /// The journal file the commit was written to.
+    Journal(Arc<File>, PathBuf),
+    /// The one segment the commit was written to (it skipped the journal).
+    Segment(Arc<Segment>),
+    /// Nothing was written.
+    Nothing,
+}
+
+/// A written commit on its way to the sync thread.
+#[derive(Debug)]
+struct SyncJob {
+    target: SyncTarget,
+    points: Vec<Publish>,
+    entries: Vec<Entry>,
+}
+
+/// A log and the point its readers may see once the commit is durable.
+type Publish = (Arc<LogShared>, CommitPoint);
+
+/// The sync thread: fsyncs each written commit, then publishes it to
+/// readers and completes its appends, in order. After a failed fsync the
+/// state of the disk is unknown, so it fails that commit and every later one
+/// and makes the store refuse appends.
+fn run_sync(shared: &JournalShared, inbox: mpsc::Receiver<SyncJob>) {
+    for job in inbox {
+        let synced = match &job.target {
+            _ if shared.failure().is_some() => Err(StorageError::Failed {
+                path: shared.store_dir.clone(),
+                reason: shared.failure().unwrap_or_default(),
+            }),
+            SyncTarget::Journal(file, path) => file
+                .sync_data()
+                .map_err(|e| StorageError::io("syncing journal", path, e)),
+            SyncTarget::Segment(seg) => seg.sync(),
+            SyncTarget::Nothing => Ok(()),
+        };
+        match synced {
+            Ok(()) => {
+                for (log, point) in &job.points {
+                    log.publish(point);
+                }
+                let stats = &shared.stats;
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .batches
+                    .fetch_add(job.entries.len() as u64, Ordering::Relaxed);
+                let records: u64 = job.entries.iter().map(|e| u64::from(e.enc.count)).sum();
+                stats.records.fetch_add(records, Ordering::Relaxed);
+                for e in job.entries {
+                    let _ = e.done.send(Ok(()));
+                }
+            }
+            Err(err) => {
+                {
+                    let mut p = shared.lock();
+                    if p.failed.is_none() {
+                        p.failed = Some(err.to_string());
+                    }
+                }
+                shared.has_room.notify_all();
+                for e in job.entries {
+                    let _ = e.done.send(Err(err.clone()));
+                    e.log.wake();
+                }
+            }
+        }
     }
 }
 

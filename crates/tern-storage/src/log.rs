@@ -23,7 +23,7 @@ use crate::journal::JournalShared;
 use crate::reader::Reader;
 use crate::record::{Message, Offset, Offsets, Timestamp};
 use crate::recovery::RecoveryEvent;
-use crate::segment::{self, ActiveSegment, Savepoint, Segment};
+use crate::segment::{self, ActiveSegment, CommitPoint, Savepoint, Segment};
 
 const LOG_META: &str = "LOG";
 /// Where a new log's identity is written before it is renamed into place.
@@ -149,9 +149,9 @@ impl LogWriter {
         self.active.rollback(sp)
     }
 
-    /// Fsyncs the active segment's data (not its index, which is derived).
-    pub(crate) fn sync_segment(&self) -> Result<()> {
-        self.active.seg.sync()
+    /// Where a commit of everything flushed so far would put the log.
+    pub(crate) fn commit_point(&self) -> CommitPoint {
+        self.active.commit_point()
     }
 
     /// Writes the frames appended since the last flush to the segment file.
@@ -367,6 +367,12 @@ impl LogShared {
         let interval = w.index_interval;
         w.active.append_frame(frame, enc, interval);
         w.dirty = true;
+    }
+
+    /// Makes a commit point visible to readers and wakes every waiter.
+    pub(crate) fn publish(&self, point: &CommitPoint) {
+        point.publish();
+        self.publish_end(point.end());
     }
 
     /// Makes the writer's progress visible.

@@ -498,6 +498,36 @@ pub(crate) struct ActiveSegment {
 /// then, not after every flush, spares busy logs a reallocation per commit.
 const KEEP_BUFFER: usize = 1 << 20;
 
+/// How far a segment's readable data reaches after some write.
+#[derive(Debug, Clone)]
+pub(crate) struct CommitPoint {
+    seg: Arc<Segment>,
+    len: u64,
+    end: Offset,
+    max_timestamp: Timestamp,
+}
+
+impl CommitPoint {
+    /// Makes the data up to this point visible to readers.
+    pub(crate) fn publish(&self) {
+        self.seg
+            .max_timestamp
+            .store(self.max_timestamp.0, Ordering::Release);
+        self.seg.committed_len.store(self.len, Ordering::Release);
+        self.seg.end.store(self.end.0, Ordering::Release);
+    }
+
+    /// One past the last offset this point covers.
+    pub(crate) fn end(&self) -> Offset {
+        self.end
+    }
+
+    /// The segment this point is in.
+    pub(crate) fn segment(&self) -> &Arc<Segment> {
+        &self.seg
+    }
+}
+
 /// Where to roll back to if a write fails part-way.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Savepoint {
@@ -820,14 +850,19 @@ impl ActiveSegment {
 
     /// Makes everything flushed so far visible to readers.
     pub(crate) fn commit(&self) {
+        self.commit_point().publish();
+    }
+
+    /// What [`commit`](Self::commit) would publish now, to be published
+    /// later (once an fsync that covers it completes).
+    pub(crate) fn commit_point(&self) -> CommitPoint {
         debug_assert!(self.unflushed.is_empty(), "commit before flush");
-        self.seg
-            .max_timestamp
-            .store(self.max_timestamp.0, Ordering::Release);
-        self.seg
-            .committed_len
-            .store(self.flushed_len, Ordering::Release);
-        self.seg.end.store(self.end.0, Ordering::Release);
+        CommitPoint {
+            seg: Arc::clone(&self.seg),
+            len: self.flushed_len,
+            end: self.end,
+            max_timestamp: self.max_timestamp,
+        }
     }
 
     /// Undoes uncommitted appends after a failure, so the files end where
