@@ -22,6 +22,10 @@ pub struct Reader {
     log: Arc<LogShared>,
     next: Offset,
     cursor: Option<Cursor>,
+    /// The last chunk read and where it came from: a read that stops early
+    /// (on its record or byte limit) leaves the rest for the next read, which
+    /// then costs no system call and no copy.
+    chunk: Option<(Arc<Segment>, u64, Bytes)>,
 }
 
 /// Where the frame holding `offset` starts, so sequential reads never consult the index.
@@ -36,6 +40,7 @@ impl Reader {
     pub(crate) fn new(log: Arc<LogShared>) -> Reader {
         let next = log.start();
         Reader {
+            chunk: None,
             log,
             next,
             cursor: None,
@@ -179,7 +184,14 @@ impl Reader {
                 }
             }
             let want = max_bytes.clamp(64 << 10, 64 << 20);
-            let chunk = read_whole_frames(&cursor.seg, cursor.position, want)?;
+            let chunk = match self.cached(&cursor.seg, cursor.position) {
+                Some(rest) => rest,
+                None => {
+                    let chunk = read_whole_frames(&cursor.seg, cursor.position, want)?;
+                    self.chunk = Some((Arc::clone(&cursor.seg), cursor.position, chunk.clone()));
+                    chunk
+                }
+            };
             let mut at = 0usize;
             while let Some((header, frame)) = frame_in(&chunk, at, &cursor.seg, cursor.position)? {
                 let frame_pos = cursor.position + at as u64;
@@ -244,6 +256,18 @@ impl Reader {
                 return self.log.end() > self.next;
             }
         }
+    }
+
+    /// The rest of the last chunk read, from `position` on, if it still
+    /// starts with a whole frame there.
+    fn cached(&self, seg: &Arc<Segment>, position: u64) -> Option<Bytes> {
+        let (chunk_seg, start, chunk) = self.chunk.as_ref()?;
+        if !Arc::ptr_eq(chunk_seg, seg) || position < *start {
+            return None;
+        }
+        let rest = chunk.get(usize::try_from(position - start).ok()?..)?;
+        let header = crate::batch::FrameHeader::parse(rest.get(..crate::batch::HEADER_LEN)?)?;
+        (rest.len() >= header.len as usize).then(|| chunk.slice(chunk.len() - rest.len()..))
     }
 
     fn locate(&self, offset: Offset) -> Result<Cursor> {
