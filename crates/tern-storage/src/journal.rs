@@ -165,8 +165,13 @@ impl JournalShared {
             enc,
             done,
         });
+        // The writer only sleeps when nothing is pending, so only the batch
+        // that makes the queue non-empty needs to wake it.
+        let first = p.entries.len() == 1;
         drop(p);
-        self.has_work.notify_one();
+        if first {
+            self.has_work.notify_one();
+        }
         Ok((
             Offsets {
                 start: base,
