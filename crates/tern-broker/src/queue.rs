@@ -989,7 +989,11 @@ impl Queue {
         };
         if let Ok(appended) = self.acks.append(&[record]) {
             st.acks_since_checkpoint = 0;
-            let _ = self.acks.delete_before(appended.offsets().start);
+            // The checkpoint must be on disk before the records it replaces
+            // go, or a power cut could lose acks older than the sync interval.
+            if self.acks.sync().is_ok() {
+                let _ = self.acks.delete_before(appended.offsets().start);
+            }
         }
         let _ = self.log.delete_before(Offset(st.floor));
     }
