@@ -25,6 +25,8 @@ pub(crate) struct QueuePolicy {
     pub(crate) dead_letter_exchange: Option<ExchangeName>,
     pub(crate) dead_letter_routing_key: Option<String>,
     pub(crate) max_length: Option<u64>,
+    /// The most bytes of message bodies the queue holds ready (`x-max-length-bytes`).
+    pub(crate) max_length_bytes: Option<u64>,
     pub(crate) overflow: Overflow,
     pub(crate) delivery_limit: Option<u64>,
     /// Delete the queue after this many milliseconds unused (`x-expires`).
@@ -35,8 +37,7 @@ pub(crate) struct QueuePolicy {
 
 /// Arguments that RabbitMQ defines and this broker does not implement yet:
 /// refused rather than silently ignored.
-const NOT_YET: [&str; 4] = [
-    "x-max-length-bytes",
+const NOT_YET: [&str; 3] = [
     "x-single-active-consumer",
     "x-queue-mode",
     "x-queue-master-locator",
@@ -112,6 +113,7 @@ impl QueuePolicy {
             dead_letter_exchange,
             dead_letter_routing_key,
             max_length: non_negative(args, "x-max-length")?,
+            max_length_bytes: non_negative(args, "x-max-length-bytes")?,
             overflow,
             delivery_limit: non_negative(args, "x-delivery-limit")?,
             max_priority: match non_negative(args, "x-max-priority")? {
@@ -192,8 +194,11 @@ mod tests {
         assert!(
             QueuePolicy::from_arguments(&args(&[("x-max-priority", FieldValue::I32(0))])).is_err()
         );
-        let err = QueuePolicy::from_arguments(&args(&[("x-max-length-bytes", FieldValue::I32(1))]))
-            .unwrap_err();
+        let err = QueuePolicy::from_arguments(&args(&[(
+            "x-single-active-consumer",
+            FieldValue::Bool(true),
+        )]))
+        .unwrap_err();
 
         assert!(matches!(err, BrokerError::NotImplemented(_)));
         assert_eq!(parse_expiration("250").unwrap(), 250);

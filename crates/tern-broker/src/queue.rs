@@ -214,6 +214,15 @@ const CHECKPOINT_EVERY: u64 = 4096;
 const WINDOW_RECORDS: usize = 256;
 const WINDOW_BYTES: usize = 1 << 20;
 
+/// The byte count behind `x-max-length-bytes`.
+#[derive(Debug)]
+struct ByteAccount {
+    ready: u64,
+    taken: HashMap<u64, u64>,
+    accounted_to: u64,
+    reader: Reader,
+}
+
 #[derive(Debug)]
 struct QueueState {
     floor: u64,
@@ -227,6 +236,10 @@ struct QueueState {
     /// taken from the scan and not yet settled.
     max_priority: Option<u8>,
     priorities: HashMap<u64, u8>,
+    /// For a queue with `x-max-length-bytes`: the body bytes of its ready
+    /// messages, the sizes of those taken from ready and not yet settled,
+    /// and a reader that counts committed messages in up to `accounted_to`.
+    bytes: Option<ByteAccount>,
     /// Delivered at least once: for the `redelivered` flag and delivery counts.
     delivered: HashMap<u64, u32>,
     unacked: HashMap<u64, Holder>,
@@ -315,6 +328,15 @@ impl Queue {
         let random = log.reader(Offset(floor)).map_err(storage)?;
         let metrics = QueueMetrics::new(settings.vhost.as_str(), settings.name.as_str());
         let max_priority = settings.policy.max_priority;
+        let bytes = match settings.policy.max_length_bytes {
+            Some(_) => Some(ByteAccount {
+                ready: 0,
+                taken: HashMap::new(),
+                accounted_to: floor,
+                reader: log.reader(Offset(floor)).map_err(storage)?,
+            }),
+            None => None,
+        };
         Ok(Arc::new(Queue {
             vhost: settings.vhost,
             name: settings.name,
@@ -338,6 +360,7 @@ impl Queue {
                 requeued: BTreeSet::new(),
                 max_priority,
                 priorities: HashMap::new(),
+                bytes,
                 delivered,
                 unacked: HashMap::new(),
                 window: VecDeque::new(),
@@ -366,10 +389,21 @@ impl Queue {
     /// (`x-overflow` reject-publish or reject-publish-dlx). A refused message
     /// is dead-lettered under reject-publish-dlx.
     pub(crate) fn refuses(&self, message: &Message) -> bool {
-        let Some(max) = self.policy.max_length else {
+        if self.policy.overflow == Overflow::DropHead {
             return false;
+        }
+        let full = {
+            let mut st = self.lock();
+            let end = self.log.end().0;
+            st.account(end);
+            self.policy
+                .max_length
+                .is_some_and(|max| st.ready(end) >= max)
+                || self.policy.max_length_bytes.is_some_and(|max| {
+                    st.ready_bytes().saturating_add(message.body.len() as u64) > max
+                })
         };
-        if self.policy.overflow == Overflow::DropHead || self.message_count() < max {
+        if !full {
             return false;
         }
         if self.policy.overflow == Overflow::RejectPublishDlx {
@@ -668,13 +702,17 @@ impl Queue {
         settled: &mut Vec<u64>,
         dead: &mut Vec<(Message, Reason)>,
     ) {
-        let Some(max) = self.policy.max_length else {
-            return;
-        };
         if self.policy.overflow != Overflow::DropHead {
             return;
         }
-        while st.ready(end) > max {
+        let (max, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        if max.is_none() && max_bytes.is_none() {
+            return;
+        }
+        st.account(end);
+        while max.is_some_and(|m| st.ready(end) > m)
+            || max_bytes.is_some_and(|m| st.ready_bytes() > m)
+        {
             let Some(Ok(rec)) = st.next_ready(end) else {
                 break;
             };
@@ -906,6 +944,10 @@ impl Queue {
         st.window.clear();
         st.requeued.clear();
         st.priorities.clear();
+        if let Some(bytes) = st.bytes.as_mut() {
+            bytes.ready = 0;
+            bytes.accounted_to = end;
+        }
         if st.unacked.is_empty() {
             st.floor = end;
             st.scan = end;
@@ -1131,6 +1173,50 @@ impl QueueState {
     /// The next message to deliver: requeued ones first, in offset order,
     /// then new ones from the scan position.
     fn next_ready(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
+        // Counted in before taken out, so the byte count never runs short.
+        self.account(end);
+        let next = self.next_ready_untracked(end);
+        if let (Some(Ok(rec)), Some(bytes)) = (&next, self.bytes.as_mut()) {
+            let size = rec.body.len() as u64;
+            bytes.ready = bytes.ready.saturating_sub(size);
+            bytes.taken.insert(rec.offset.0, size);
+        }
+        next
+    }
+
+    /// The body bytes of the ready messages (0 unless the queue counts them).
+    fn ready_bytes(&self) -> u64 {
+        self.bytes.as_ref().map_or(0, |b| b.ready)
+    }
+
+    /// Counts the bodies of messages committed since the last call.
+    fn account(&mut self, end: u64) {
+        let Some(bytes) = self.bytes.as_mut() else {
+            return;
+        };
+        while bytes.accounted_to < end {
+            if bytes.reader.position().0 != bytes.accounted_to
+                && bytes.reader.seek(Offset(bytes.accounted_to)).is_err()
+            {
+                return;
+            }
+            let Ok(batch) = bytes.reader.read(WINDOW_RECORDS, WINDOW_BYTES) else {
+                return;
+            };
+            if batch.is_empty() {
+                return;
+            }
+            for rec in batch {
+                let o = rec.offset.0;
+                bytes.accounted_to = o + 1;
+                if o >= self.floor && !self.settled.contains(&o) && !self.unacked.contains_key(&o) {
+                    bytes.ready += rec.body.len() as u64;
+                }
+            }
+        }
+    }
+
+    fn next_ready_untracked(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
         if self.max_priority.is_some() {
             if let Err(e) = self.absorb(end) {
                 return Some(Err(e));
@@ -1173,6 +1259,11 @@ impl QueueState {
 
     /// Puts an unacked message back among the ready ones, in its priority's place.
     fn requeue_one(&mut self, o: u64) {
+        if let Some(bytes) = self.bytes.as_mut() {
+            if let Some(size) = bytes.taken.remove(&o) {
+                bytes.ready += size;
+            }
+        }
         let priority = self.priorities.get(&o).copied().unwrap_or(0);
         self.requeued.insert((Reverse(priority), o));
     }
@@ -1200,6 +1291,9 @@ impl QueueState {
     }
 
     fn settle_one(&mut self, o: u64) {
+        if let Some(bytes) = self.bytes.as_mut() {
+            bytes.taken.remove(&o);
+        }
         self.delivered.remove(&o);
         self.priorities.remove(&o);
         if o >= self.floor {

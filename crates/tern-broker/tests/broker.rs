@@ -347,7 +347,7 @@ async fn bad_requests_get_the_amqp_reply_code_they_map_to() {
 
     let mut ttl = QueueDeclare::new("ttl");
     ttl.arguments
-        .insert("x-max-length-bytes".into(), FieldValue::I32(1000));
+        .insert("x-single-active-consumer".into(), FieldValue::Bool(true));
     assert_eq!(
         code(broker.declare_queue("/", ttl, owner).await.unwrap_err()),
         ReplyCode::NotImplemented

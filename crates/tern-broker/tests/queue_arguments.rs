@@ -405,3 +405,46 @@ async fn a_priority_queue_delivers_higher_priorities_first_and_fifo_within_one()
     .collect();
     assert_eq!(again, ["f", "b", "a"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_length_bytes_drops_the_oldest_until_the_bodies_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, conn) = setup(dir.path(), &[("x-max-length-bytes", FieldValue::I32(25))]).await;
+    for body in ["aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc", "dd"] {
+        publish(&broker, message("work", body)).await;
+    }
+    let mut ch = broker.open_channel("/", conn).unwrap();
+    // 10 + 10 + 10 + 2 = 32 bytes: the oldest 10 must go to fit in 25.
+    let dead = fetch(&mut ch, "dead").await;
+    assert_eq!(&dead.message.body[..], b"aaaaaaaaaa");
+    assert_eq!(field(&death(&dead.message), "reason"), &s("maxlen"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(broker.queue_info("/", "work").unwrap().ready, 3);
+    assert_eq!(broker.queue_info("/", "dead").unwrap().ready, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_length_bytes_with_reject_publish_nacks_what_does_not_fit_and_counts_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, conn) = setup(
+        dir.path(),
+        &[
+            ("x-max-length-bytes", FieldValue::I32(20)),
+            ("x-overflow", s("reject-publish")),
+        ],
+    )
+    .await;
+    publish(&broker, message("work", "0123456789")).await;
+    publish(&broker, message("work", "0123456789")).await;
+    let refused = broker.publish("/", message("work", "x")).unwrap();
+    assert!(
+        refused.rejected,
+        "20 bytes are ready: one more byte does not fit"
+    );
+    // Taking a message out makes room; returning it takes the room back.
+    let mut ch = broker.open_channel("/", conn).unwrap();
+    let m = fetch(&mut ch, "work").await;
+    assert!(!broker.publish("/", message("work", "y")).unwrap().rejected);
+    ch.nack(m.tag, false, true).unwrap();
+    assert!(broker.publish("/", message("work", "z")).unwrap().rejected);
+}
