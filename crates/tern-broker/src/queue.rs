@@ -1142,32 +1142,10 @@ impl QueueState {
         if let Some(&(_, o)) = self.requeued.first() {
             return self.read_at(o);
         }
-        while self.scan < end {
-            if self.window.is_empty() {
-                if self.reader.position().0 != self.scan {
-                    if let Err(e) = self.reader.seek(Offset(self.scan)) {
-                        return Some(Err(storage(e)));
-                    }
-                }
-                match self.reader.read(WINDOW_RECORDS, WINDOW_BYTES) {
-                    Ok(batch) if batch.is_empty() => return None,
-                    Ok(batch) => self.window.extend(batch),
-                    Err(e) => return Some(Err(storage(e))),
-                }
-            }
-            let front = self.window.front()?;
-            if front.offset.0 != self.scan {
-                self.window.clear();
-                continue;
-            }
-            if self.settled.contains(&self.scan) {
-                self.window.pop_front();
-                self.scan += 1;
-                continue;
-            }
-            return Some(Ok(front.clone()));
+        match self.reach_ready(end)? {
+            Ok(()) => self.window.front().cloned().map(Ok),
+            Err(e) => Some(Err(e)),
         }
-        None
     }
 
     /// The next message to deliver: requeued ones first, in offset order,
@@ -1230,6 +1208,17 @@ impl QueueState {
 
     /// The next unsettled message at the scan position, through the read-ahead window.
     fn next_scanned(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
+        if let Err(e) = self.reach_ready(end)? {
+            return Some(Err(e));
+        }
+        let rec = self.window.pop_front()?;
+        self.scan += 1;
+        Some(Ok(rec))
+    }
+
+    /// Moves the scan past settled messages until the window's front is the
+    /// unsettled message at the scan position. `None` if there is none yet.
+    fn reach_ready(&mut self, end: u64) -> Option<Result<(), BrokerError>> {
         while self.scan < end {
             if self.window.is_empty() {
                 if self.reader.position().0 != self.scan {
@@ -1243,16 +1232,17 @@ impl QueueState {
                     Err(e) => return Some(Err(storage(e))),
                 }
             }
-            let rec = self.window.pop_front()?;
-            if rec.offset.0 != self.scan {
+            let front = self.window.front()?.offset.0;
+            if front != self.scan {
                 self.window.clear();
                 continue;
             }
-            self.scan += 1;
-            if self.settled.contains(&rec.offset.0) {
+            if self.settled.contains(&front) {
+                self.window.pop_front();
+                self.scan += 1;
                 continue;
             }
-            return Some(Ok(rec));
+            return Some(Ok(()));
         }
         None
     }
