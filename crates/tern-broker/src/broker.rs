@@ -340,10 +340,91 @@ struct ReplayedVhost {
     bindings: Vec<(String, Destination, String, FieldTable)>,
 }
 
+/// Rewrites the definitions log as one snapshot when it has grown to many
+/// times the live definitions. The snapshot is a single append, so a single
+/// checksummed batch: after a crash it is either wholly there or absent.
+/// Only then are the log's older segments deleted.
+fn compact_definitions(
+    defs: &Log,
+    live: &BTreeMap<String, ReplayedVhost>,
+    recorded: usize,
+) -> Result<(), BrokerError> {
+    let mut events = vec![DefEvent::Snapshot];
+    for (vhost, v) in live {
+        events.push(DefEvent::VhostAdded {
+            vhost: vhost.clone(),
+        });
+        for (name, (kind, auto_delete, internal, arguments)) in &v.exchanges {
+            events.push(DefEvent::ExchangeDeclared {
+                vhost: vhost.clone(),
+                name: name.clone(),
+                kind: *kind,
+                auto_delete: *auto_delete,
+                internal: *internal,
+                arguments: arguments.clone(),
+            });
+        }
+        for (name, (id, auto_delete, arguments)) in &v.queues {
+            events.push(DefEvent::QueueDeclared {
+                vhost: vhost.clone(),
+                name: name.clone(),
+                id: *id,
+                auto_delete: *auto_delete,
+                arguments: arguments.clone(),
+            });
+        }
+        for (source, destination, routing_key, arguments) in &v.bindings {
+            events.push(DefEvent::Bound {
+                vhost: vhost.clone(),
+                source: source.clone(),
+                destination: destination.clone(),
+                routing_key: routing_key.clone(),
+                arguments: arguments.clone(),
+            });
+        }
+    }
+    if recorded < 4 * events.len() + 1024 {
+        return Ok(());
+    }
+    let records: Vec<StoredRecord> = events
+        .iter()
+        .map(|e| StoredRecord {
+            timestamp: Timestamp::now(),
+            headers: Bytes::new(),
+            body: e.encode().freeze(),
+        })
+        .collect();
+    // A snapshot larger than one batch may hold is left for later, not split.
+    let Ok(appended) = defs.append(&records) else {
+        return Ok(());
+    };
+    let start = appended.offsets().start;
+    wait_blocking(appended)?;
+    defs.delete_before(start)?;
+    Ok(())
+}
+
+/// Waits for a durable append from synchronous code that may run on a tokio
+/// worker (where blocking on the ticket directly would panic).
+fn wait_blocking(appended: Appended) -> Result<(), BrokerError> {
+    let wait = move || appended.wait().map(|_| ()).map_err(BrokerError::from);
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(wait).join().unwrap_or_else(|_| {
+                Err(BrokerError::Storage(
+                    "waiting for the definitions snapshot failed".into(),
+                ))
+            })
+        }),
+        Err(_) => wait(),
+    }
+}
+
 fn replay(events: Vec<DefEvent>) -> BTreeMap<String, ReplayedVhost> {
     let mut vhosts: BTreeMap<String, ReplayedVhost> = BTreeMap::new();
     for ev in events {
         match ev {
+            DefEvent::Snapshot => vhosts.clear(),
             DefEvent::VhostAdded { vhost } => {
                 vhosts.entry(vhost).or_default();
             }
@@ -434,9 +515,13 @@ impl Broker {
             BrokerError::NotAllowed("Broker::open must be called inside a tokio runtime".into())
         })?;
         let store = Store::open(config.data_dir.join("store"), config.store.clone())?;
+        // Small segments, so that compaction can drop the old events soon.
         let defs = store.open_log(
             DEFINITIONS_LOG,
-            LogConfig::with_durability(Durability::Always),
+            LogConfig {
+                segment_bytes: 64 * 1024,
+                ..LogConfig::with_durability(Durability::Always)
+            },
         )?;
         let mut events = Vec::new();
         let mut reader = defs.reader(defs.start())?;
@@ -456,7 +541,9 @@ impl Broker {
         }
         let first_start = events.is_empty();
         let self_ref: SelfRef = Arc::new(OnceLock::new());
+        let recorded = events.len();
         let replayed = replay(events);
+        compact_definitions(&defs, &replayed, recorded)?;
         let mut max_id = 0u64;
         let mut live_logs: Vec<String> = vec![DEFINITIONS_LOG.to_string()];
         let mut vhosts = HashMap::new();

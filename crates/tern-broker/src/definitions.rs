@@ -59,6 +59,9 @@ pub(crate) enum DefEvent {
         routing_key: String,
         arguments: FieldTable,
     },
+    /// Everything before this is replaced by the events that follow it in
+    /// the same batch: the definitions log's compaction.
+    Snapshot,
 }
 
 const VHOST_ADDED: u8 = 1;
@@ -69,6 +72,7 @@ const QUEUE_DECLARED: u8 = 5;
 const QUEUE_DELETED: u8 = 6;
 const BOUND: u8 = 7;
 const UNBOUND: u8 = 8;
+const SNAPSHOT: u8 = 9;
 
 fn put_str(out: &mut BytesMut, s: &str) {
     // Names are validated to at most 255 bytes and routing keys to 65535.
@@ -100,6 +104,7 @@ impl DefEvent {
     pub(crate) fn encode(&self) -> BytesMut {
         let mut out = BytesMut::new();
         match self {
+            DefEvent::Snapshot => out.put_u8(SNAPSHOT),
             DefEvent::VhostAdded { vhost } => {
                 out.put_u8(VHOST_ADDED);
                 put_str(&mut out, vhost);
@@ -230,6 +235,7 @@ impl DefEvent {
                     }
                 }
             }
+            SNAPSHOT => DefEvent::Snapshot,
             other => return Err(format!("unknown definition event kind {other}")),
         };
         if r.pos != b.len() {
@@ -316,6 +322,7 @@ mod tests {
         let mut args = FieldTable::new();
         args.insert("x-match".into(), FieldValue::String("any".into()));
         let events = [
+            DefEvent::Snapshot,
             DefEvent::VhostAdded { vhost: "/".into() },
             DefEvent::VhostDeleted { vhost: "v".into() },
             DefEvent::ExchangeDeclared {

@@ -445,3 +445,71 @@ async fn a_restart_keeps_definitions_and_unacked_messages_and_forgets_acked_ones
         .unwrap();
     assert_eq!(redeclared.message_count, 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_definitions_log_is_compacted_on_open_and_keeps_every_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs_dir = dir.path().join("store/logs/definitions");
+    let segments = || {
+        std::fs::read_dir(&defs_dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
+            .count()
+    };
+    {
+        let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+        let conn = broker.new_connection_id();
+        broker
+            .declare_exchange("/", ExchangeDeclare::new("events", ExchangeKind::Topic))
+            .await
+            .unwrap();
+        broker
+            .declare_queue("/", QueueDeclare::new("kept"), conn)
+            .await
+            .unwrap();
+        broker
+            .bind_queue("/", "kept", "events", "a.*", &FieldTable::new(), conn)
+            .await
+            .unwrap();
+        for i in 0..1500 {
+            let name = format!("churn-{i}");
+            broker
+                .declare_queue("/", QueueDeclare::new(name.clone()), conn)
+                .await
+                .unwrap();
+            broker
+                .delete_queue("/", &name, false, false, conn)
+                .await
+                .unwrap();
+        }
+        broker.close().unwrap();
+    }
+    let before = segments();
+    assert!(
+        before > 2,
+        "3000 events fill several segments, got {before}"
+    );
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    broker.close().unwrap();
+    let after = segments();
+    assert!(
+        after < before,
+        "compaction dropped old segments: {before} -> {after}"
+    );
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    assert_eq!(
+        broker.queue_names("/").unwrap(),
+        vec![QueueName::new("kept").unwrap()]
+    );
+    assert_eq!(
+        publish(&broker, "events", "a.b", "x").await,
+        1,
+        "the binding survived compaction"
+    );
+}
