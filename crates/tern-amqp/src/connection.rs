@@ -95,7 +95,14 @@ pub(crate) async fn serve(stream: TcpStream, broker: Broker, shutdown: watch::Re
     let _ = stream.set_nodelay(true);
     let (mut read, mut write) = stream.into_split();
     let mut buf = BytesMut::with_capacity(8192);
-    match read_protocol_header(&mut read, &mut buf).await {
+    // A socket that has not sent its protocol header yet is simply dropped at
+    // shutdown, rather than holding the shutdown up until its handshake times out.
+    let mut stop = shutdown.clone();
+    let header = tokio::select! {
+        header = read_protocol_header(&mut read, &mut buf) => header,
+        _ = stop.wait_for(|stopped| *stopped) => None,
+    };
+    match header {
         Some(true) => {}
         Some(false) => {
             let _ = write.write_all(PROTOCOL_HEADER).await;

@@ -310,3 +310,13 @@ async fn shutdown_closes_open_connections_with_connection_forced() {
     closing.await.unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_socket_that_sent_nothing() {
+    let (_dir, server) = start().await;
+    let _silent = TcpStream::connect(server.local_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(2), server.shutdown())
+        .await
+        .expect("shutdown well before the 10 s handshake timeout");
+}
