@@ -828,13 +828,9 @@ impl Queue {
     /// Settles acknowledged messages. Offsets that are not unacked here are ignored.
     pub(crate) fn ack(self: &Arc<Self>, offsets: &[Offset]) {
         let mut st = self.lock();
-        let mut done = Vec::with_capacity(offsets.len());
-        for o in offsets {
-            if let Some(holder) = st.unacked.remove(&o.0) {
-                st.release_holder(holder);
-                st.settle_one(o.0);
-                done.push(o.0);
-            }
+        let done: Vec<u64> = st.take_unacked(offsets).iter().map(|o| o.0).collect();
+        for o in &done {
+            st.settle_one(*o);
         }
         self.metrics.acked.increment(done.len() as u64);
         self.persist_settled(&mut st, &done);
@@ -848,19 +844,16 @@ impl Queue {
         let dead = {
             let mut st = self.lock();
             let mut over_limit = Vec::new();
-            for o in offsets {
-                if let Some(holder) = st.unacked.remove(&o.0) {
-                    st.release_holder(holder);
-                    let delivered = u64::from(st.delivered.get(&o.0).copied().unwrap_or(0));
-                    if self
-                        .policy
-                        .delivery_limit
-                        .is_some_and(|limit| delivered > limit)
-                    {
-                        over_limit.push(*o);
-                    } else {
-                        st.requeue_one(o.0);
-                    }
+            for o in st.take_unacked(offsets) {
+                let delivered = u64::from(st.delivered.get(&o.0).copied().unwrap_or(0));
+                if self
+                    .policy
+                    .delivery_limit
+                    .is_some_and(|limit| delivered > limit)
+                {
+                    over_limit.push(o);
+                } else {
+                    st.requeue_one(o.0);
                 }
             }
             self.settle_dead(&mut st, &over_limit, Reason::DeliveryLimit)
@@ -874,13 +867,7 @@ impl Queue {
     pub(crate) fn reject(self: &Arc<Self>, offsets: &[Offset]) {
         let dead = {
             let mut st = self.lock();
-            let mut taken = Vec::new();
-            for o in offsets {
-                if let Some(holder) = st.unacked.remove(&o.0) {
-                    st.release_holder(holder);
-                    taken.push(*o);
-                }
-            }
+            let taken = st.take_unacked(offsets);
             self.settle_dead(&mut st, &taken, Reason::Rejected)
         };
         self.publish_dead(self.dead_lettered(dead));
@@ -1107,6 +1094,19 @@ impl QueueState {
                 c.credit.release(1);
             }
         }
+    }
+
+    /// Takes the given offsets out of the unacked map, releasing their
+    /// consumers' credit. Offsets that are not unacked here are skipped.
+    fn take_unacked(&mut self, offsets: &[Offset]) -> Vec<Offset> {
+        let mut taken = Vec::with_capacity(offsets.len());
+        for o in offsets {
+            if let Some(holder) = self.unacked.remove(&o.0) {
+                self.release_holder(holder);
+                taken.push(*o);
+            }
+        }
+        taken
     }
 
     fn release_holder(&mut self, holder: Holder) {
