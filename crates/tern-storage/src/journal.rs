@@ -66,6 +66,50 @@ struct Counters {
     records: AtomicU64,
     bytes: AtomicU64,
     checkpoints: AtomicU64,
+    fsync: FsyncCounters,
+}
+
+/// The upper bounds, in seconds, of the fsync latency histogram's buckets
+/// (the last bucket, `+Inf`, is implied). They span what disks do: tens of
+/// microseconds for a write cache, tens of milliseconds for a busy disk.
+pub const FSYNC_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
+];
+
+/// Atomic counters behind [`FsyncHistogram`]: one per bucket (not
+/// cumulative) plus `+Inf`, and the total time.
+#[derive(Debug, Default)]
+struct FsyncCounters {
+    buckets: [AtomicU64; FSYNC_BUCKETS.len() + 1],
+    nanos: AtomicU64,
+}
+
+impl FsyncCounters {
+    fn record(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let i = FSYNC_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(FSYNC_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// How long the commits' fsyncs took since the store opened, as a
+/// Prometheus-style histogram: `counts[i]` fsyncs took at most
+/// `FSYNC_BUCKETS[i]` seconds (cumulative, as Prometheus buckets are), and
+/// `count` is all of them (the `+Inf` bucket).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FsyncHistogram {
+    /// Cumulative counts per bucket of [`FSYNC_BUCKETS`].
+    pub counts: [u64; FSYNC_BUCKETS.len()],
+    /// Every fsync timed.
+    pub count: u64,
+    /// Their total duration, in seconds.
+    pub sum_seconds: f64,
 }
 
 /// What the journal has done since the store opened, for monitoring and benchmarks.
@@ -523,10 +567,20 @@ fn run_sync(shared: &JournalShared, inbox: mpsc::Receiver<SyncJob>) {
                 path: shared.store_dir.clone(),
                 reason: shared.failure().unwrap_or_default(),
             }),
-            SyncTarget::Journal(file, path) => file
-                .sync_data()
-                .map_err(|e| StorageError::io("syncing journal", path, e)),
-            SyncTarget::Segment(seg) => seg.sync(),
+            SyncTarget::Journal(file, path) => {
+                let started = std::time::Instant::now();
+                let synced = file
+                    .sync_data()
+                    .map_err(|e| StorageError::io("syncing journal", path, e));
+                shared.stats.fsync.record(started.elapsed());
+                synced
+            }
+            SyncTarget::Segment(seg) => {
+                let started = std::time::Instant::now();
+                let synced = seg.sync();
+                shared.stats.fsync.record(started.elapsed());
+                synced
+            }
             SyncTarget::Nothing => Ok(()),
         };
         match synced {
@@ -825,6 +879,23 @@ impl JournalShared {
             records: s.records.load(Ordering::Relaxed),
             bytes: s.bytes.load(Ordering::Relaxed),
             checkpoints: s.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn fsync_histogram(&self) -> FsyncHistogram {
+        let f = &self.stats.fsync;
+        let mut counts = [0u64; FSYNC_BUCKETS.len()];
+        let mut total = 0u64;
+        for (i, bucket) in f.buckets.iter().enumerate() {
+            total += bucket.load(Ordering::Relaxed);
+            if let Some(c) = counts.get_mut(i) {
+                *c = total;
+            }
+        }
+        FsyncHistogram {
+            counts,
+            count: total,
+            sum_seconds: f.nanos.load(Ordering::Relaxed) as f64 / 1e9,
         }
     }
 

@@ -44,7 +44,7 @@ mod store;
 
 pub use config::{Durability, LogConfig, StoreConfig};
 pub use error::{Result, StorageError};
-pub use journal::JournalStats;
+pub use journal::{FsyncHistogram, JournalStats, FSYNC_BUCKETS};
 pub use log::{Appended, Log, Retention};
 pub use reader::Reader;
 pub use record::{Message, Offset, Offsets, Record, Timestamp};

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::config::{Durability, LogConfig, StoreConfig};
 use crate::error::{Result, StorageError};
-use crate::journal::{self, JournalShared, JournalStats, JournalWriter};
+use crate::journal::{self, FsyncHistogram, JournalShared, JournalStats, JournalWriter};
 use crate::log::{self, sync_dir, Log, LogShared};
 use crate::recovery::RecoveryEvent;
 
@@ -215,6 +215,11 @@ impl Store {
     /// commits (one fsync each), and the batches and records they covered.
     pub fn journal_stats(&self) -> JournalStats {
         self.shared.journal.stats()
+    }
+
+    /// How long the commits' fsyncs have taken since the store opened.
+    pub fn fsync_histogram(&self) -> FsyncHistogram {
+        self.shared.journal.fsync_histogram()
     }
 
     /// The names of every log in the store, open or not.
