@@ -7,6 +7,7 @@
 //! (so the log's order is the order of the changes) and awaited, fsynced,
 //! after the lock is released.
 
+use crate::alarm::Alarms;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,22 +16,29 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_storage::{
-    Appended, Durability, JournalStats, Log, LogConfig, Message as StoredRecord, Store,
-    StoreConfig, Timestamp,
+    Appended, Durability, FsyncHistogram, JournalStats, Log, LogConfig, Message as StoredRecord,
+    Store, StoreConfig, Timestamp,
 };
 
+use crate::access::{AccessConfig, AccessControl, AccessReplay};
 use crate::channel::Channel;
 use crate::dead_letter;
+use crate::dedup::Dedup;
 use crate::definitions::DefEvent;
+use crate::delay::{self, DelayLimits, DelayStore, DueRouter};
 use crate::error::BrokerError;
-use crate::exchange::{Exchange, PREDECLARED};
+use crate::exchange::{exchange_type, Exchange, ExchangeFlavor, PREDECLARED};
 use crate::message::Message;
 use crate::name::{ExchangeName, QueueName, VhostName};
 use crate::policy::QueuePolicy;
 use crate::queue::{
     self, ConnectionId, DeadLetterSink, Queue, QueueExpirer, QueueSettings, QueueType,
 };
+use crate::registry::Registry;
 use crate::routing::{Destination, ExchangeKind};
+use crate::stream::{StreamOffsets, StreamPolicy};
+use crate::super_stream;
+use crate::trace::Tracer;
 use crate::value::{FieldTable, FieldValue};
 
 /// Where and how the broker keeps its data.
@@ -40,6 +48,8 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// Storage tuning.
     pub store: StoreConfig,
+    /// Users and permissions (`access.rs`).
+    pub access: AccessConfig,
 }
 
 impl BrokerConfig {
@@ -48,6 +58,7 @@ impl BrokerConfig {
         BrokerConfig {
             data_dir: data_dir.into(),
             store: StoreConfig::default(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -142,6 +153,17 @@ pub struct Published {
 }
 
 impl Published {
+    /// A message taken by the delay store, to be routed later: it counts as
+    /// routed (a `mandatory` publish is not returned, as with RabbitMQ's
+    /// plugin), and is confirmed once durable in the store.
+    pub(crate) fn accepted(ticket: Appended) -> Published {
+        Published {
+            routed: 1,
+            rejected: false,
+            tickets: vec![ticket],
+        }
+    }
+
     /// Resolves once every queue the message went to has it on disk under
     /// its fsync policy: the moment a publisher confirm may be sent.
     pub async fn confirmed(self) -> Result<(), BrokerError> {
@@ -167,11 +189,21 @@ pub struct Broker {
 struct BrokerInner {
     store: Mutex<Option<Store>>,
     defs: Log,
+    /// The durable timer index of delayed messages.
+    delays: Arc<DelayStore>,
     vhosts: RwLock<HashMap<VhostName, Arc<Vhost>>>,
     next_id: AtomicU64,
     runtime: tokio::runtime::Handle,
     /// How queues reach the broker to dead-letter, without keeping it alive.
     self_ref: SelfRef,
+    /// The live connections, channels and consumers (`registry.rs`).
+    registry: Registry,
+    /// The message trace index, off by default (`trace.rs`).
+    tracer: Tracer,
+    /// Users and permissions (`access.rs`).
+    access: AccessControl,
+    /// The resource alarms (`alarm.rs`); front doors block publishers on them.
+    alarms: Alarms,
 }
 
 type SelfRef = Arc<OnceLock<Weak<BrokerInner>>>;
@@ -184,6 +216,17 @@ fn expirer_for(self_ref: &SelfRef) -> QueueExpirer {
             Broker { inner }.auto_delete_queue(queue);
         }
     }))
+}
+
+/// How the delay store routes due messages, without keeping the broker alive.
+fn router_for(self_ref: &SelfRef) -> DueRouter {
+    let self_ref = Arc::clone(self_ref);
+    DueRouter(Arc::new(
+        move |vhost: &str, message: Message| match self_ref.get().and_then(Weak::upgrade) {
+            Some(inner) => Broker { inner }.publish_due(vhost, message),
+            None => Vec::new(),
+        },
+    ))
 }
 
 /// The sink through which a queue in `vhost` dead-letters messages.
@@ -201,15 +244,15 @@ fn sink_for(self_ref: &SelfRef, vhost: VhostName) -> DeadLetterSink {
 }
 
 #[derive(Debug)]
-struct Vhost {
-    name: VhostName,
+pub(crate) struct Vhost {
+    pub(crate) name: VhostName,
     state: RwLock<VhostState>,
 }
 
 #[derive(Debug, Default)]
-struct VhostState {
-    exchanges: HashMap<ExchangeName, Exchange>,
-    queues: HashMap<QueueName, Arc<Queue>>,
+pub(crate) struct VhostState {
+    pub(crate) exchanges: HashMap<ExchangeName, Exchange>,
+    pub(crate) queues: HashMap<QueueName, Arc<Queue>>,
 }
 
 impl Vhost {
@@ -237,7 +280,7 @@ impl Vhost {
         }
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, VhostState> {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, VhostState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -257,6 +300,27 @@ fn queue_log_name(id: u64) -> String {
 
 fn ack_log_name(id: u64) -> String {
     format!("a{id}")
+}
+
+/// The log of a queue's deduplication window.
+fn dedup_log_name(id: u64) -> String {
+    format!("u{id}")
+}
+
+/// The log of a deduplicating exchange's window. Exchanges have no id, so
+/// the name is a 64-bit FNV-1a hash of vhost and name (a collision would
+/// only merge two windows). The `xd` prefix keeps it from reading as a
+/// queue's `<letter><id>` when ids are recovered from log names.
+fn exchange_dedup_log_name(vhost: &VhostName, exchange: &ExchangeName) -> String {
+    let hash = vhost
+        .as_str()
+        .bytes()
+        .chain([0])
+        .chain(exchange.as_str().bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("xd{hash:016x}")
 }
 
 fn vhost_name(name: &str) -> Result<VhostName, BrokerError> {
@@ -286,18 +350,15 @@ pub(crate) fn check_arguments_equivalent(
 
 /// Reads the queue type and checks the arguments, refusing those this broker
 /// does not implement yet rather than accepting and ignoring them.
-fn parse_queue_arguments(d: &QueueDeclare) -> Result<(QueueType, QueuePolicy), BrokerError> {
-    let policy = QueuePolicy::from_arguments(&d.arguments)?;
+fn parse_queue_arguments(
+    d: &QueueDeclare,
+) -> Result<(QueueType, QueuePolicy, Option<StreamPolicy>), BrokerError> {
     let queue_type = match d.arguments.get("x-queue-type") {
         None => QueueType::Classic,
         Some(v) => match v.as_str() {
             Some("classic") => QueueType::Classic,
             Some("quorum") => QueueType::Quorum,
-            Some("stream") => {
-                return Err(BrokerError::NotImplemented(
-                    "x-queue-type 'stream' is not supported yet".into(),
-                ))
-            }
+            Some("stream") => QueueType::Stream,
             Some(other) => {
                 return Err(BrokerError::InvalidArgument {
                     argument: "x-queue-type".into(),
@@ -312,6 +373,28 @@ fn parse_queue_arguments(d: &QueueDeclare) -> Result<(QueueType, QueuePolicy), B
             }
         },
     };
+    if queue_type == QueueType::Stream {
+        // RabbitMQ's refusals and words for them.
+        let refuse = |property: &str| {
+            Err(BrokerError::PreconditionFailed(format!(
+                "invalid property '{property}' for queue '{}': a stream must be durable, \
+                 and neither exclusive nor auto-delete",
+                d.name
+            )))
+        };
+        if !d.durable {
+            return refuse("non-durable");
+        }
+        if d.exclusive {
+            return refuse("exclusive-owner");
+        }
+        if d.auto_delete {
+            return refuse("auto-delete");
+        }
+        let stream = StreamPolicy::from_arguments(&d.arguments)?;
+        return Ok((queue_type, QueuePolicy::default(), Some(stream)));
+    }
+    let policy = QueuePolicy::from_arguments(&d.arguments)?;
     if queue_type == QueueType::Quorum {
         let refuse = |what: &str| {
             Err(BrokerError::InvalidArgument {
@@ -329,13 +412,22 @@ fn parse_queue_arguments(d: &QueueDeclare) -> Result<(QueueType, QueuePolicy), B
             return refuse("auto-delete");
         }
     }
-    Ok((queue_type, policy))
+    Ok((queue_type, policy, None))
+}
+
+/// How a queue's message log is configured: a stream's segment size is its own.
+fn message_log_config(durability: Durability, stream: Option<&StreamPolicy>) -> LogConfig {
+    LogConfig {
+        segment_bytes: stream.map_or(LogConfig::default().segment_bytes, |s| s.segment_bytes),
+        ..LogConfig::with_durability(durability)
+    }
 }
 
 /// The state replayed from the definitions log, before queues are opened.
 #[derive(Debug, Default)]
 struct ReplayedVhost {
-    exchanges: BTreeMap<String, (ExchangeKind, bool, bool, FieldTable)>,
+    /// Name to ((routing kind, flavor), auto-delete, internal, arguments).
+    exchanges: BTreeMap<String, ((ExchangeKind, ExchangeFlavor), bool, bool, FieldTable)>,
     queues: BTreeMap<String, (u64, bool, FieldTable)>,
     bindings: Vec<(String, Destination, String, FieldTable)>,
 }
@@ -347,6 +439,7 @@ struct ReplayedVhost {
 fn compact_definitions(
     defs: &Log,
     live: &BTreeMap<String, ReplayedVhost>,
+    access: &AccessReplay,
     recorded: usize,
 ) -> Result<(), BrokerError> {
     let mut events = vec![DefEvent::Snapshot];
@@ -358,7 +451,8 @@ fn compact_definitions(
             events.push(DefEvent::ExchangeDeclared {
                 vhost: vhost.clone(),
                 name: name.clone(),
-                kind: *kind,
+                kind: kind.0,
+                flavor: kind.1,
                 auto_delete: *auto_delete,
                 internal: *internal,
                 arguments: arguments.clone(),
@@ -383,6 +477,8 @@ fn compact_definitions(
             });
         }
     }
+    // After the vhosts, which permissions refer to.
+    events.extend(access.snapshot());
     if recorded < 4 * events.len() + 1024 {
         return Ok(());
     }
@@ -420,28 +516,41 @@ fn wait_blocking(appended: Appended) -> Result<(), BrokerError> {
     }
 }
 
-fn replay(events: Vec<DefEvent>) -> BTreeMap<String, ReplayedVhost> {
+fn replay(events: Vec<DefEvent>) -> (BTreeMap<String, ReplayedVhost>, AccessReplay) {
     let mut vhosts: BTreeMap<String, ReplayedVhost> = BTreeMap::new();
+    let mut access = AccessReplay::default();
     for ev in events {
         match ev {
-            DefEvent::Snapshot => vhosts.clear(),
+            DefEvent::Snapshot => {
+                vhosts.clear();
+                access.clear();
+            }
             DefEvent::VhostAdded { vhost } => {
                 vhosts.entry(vhost).or_default();
             }
             DefEvent::VhostDeleted { vhost } => {
+                access.vhost_deleted(&vhost);
                 vhosts.remove(&vhost);
+            }
+            ev @ (DefEvent::AccessInitialised
+            | DefEvent::UserPut { .. }
+            | DefEvent::UserDeleted { .. }
+            | DefEvent::PermissionSet { .. }
+            | DefEvent::PermissionCleared { .. }) => {
+                access.apply(ev, |v| vhosts.contains_key(v));
             }
             DefEvent::ExchangeDeclared {
                 vhost,
                 name,
                 kind,
+                flavor,
                 auto_delete,
                 internal,
                 arguments,
             } => {
                 if let Some(v) = vhosts.get_mut(&vhost) {
                     v.exchanges
-                        .insert(name, (kind, auto_delete, internal, arguments));
+                        .insert(name, ((kind, flavor), auto_delete, internal, arguments));
                 }
             }
             DefEvent::ExchangeDeleted { vhost, name } => {
@@ -503,7 +612,7 @@ fn replay(events: Vec<DefEvent>) -> BTreeMap<String, ReplayedVhost> {
             }
         }
     }
-    vhosts
+    (vhosts, access)
 }
 
 impl Broker {
@@ -514,6 +623,7 @@ impl Broker {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             BrokerError::NotAllowed("Broker::open must be called inside a tokio runtime".into())
         })?;
+        crate::observe::describe();
         let store = Store::open(config.data_dir.join("store"), config.store.clone())?;
         // Small segments, so that compaction can drop the old events soon.
         let defs = store.open_log(
@@ -542,8 +652,8 @@ impl Broker {
         let first_start = events.is_empty();
         let self_ref: SelfRef = Arc::new(OnceLock::new());
         let recorded = events.len();
-        let replayed = replay(events);
-        compact_definitions(&defs, &replayed, recorded)?;
+        let (replayed, access) = replay(events);
+        compact_definitions(&defs, &replayed, &access, recorded)?;
         let mut max_id = 0u64;
         let mut live_logs: Vec<String> = vec![DEFINITIONS_LOG.to_string()];
         let mut vhosts = HashMap::new();
@@ -553,23 +663,46 @@ impl Broker {
             let vhost = Vhost::new(vname.clone());
             {
                 let mut st = vhost.write();
-                for (name, (kind, auto_delete, internal, arguments)) in rv.exchanges {
+                for (name, ((kind, flavor), auto_delete, internal, arguments)) in rv.exchanges {
                     let name = ExchangeName::new(name)?;
-                    st.exchanges.insert(
+                    let mut exchange = Exchange::new(
+                        &vname,
                         name.clone(),
-                        Exchange::new(&vname, name, kind, true, auto_delete, internal, arguments),
+                        kind,
+                        true,
+                        auto_delete,
+                        internal,
+                        arguments,
                     );
+                    exchange.flavor = flavor;
+                    if let ExchangeFlavor::Deduplicating(policy) = flavor {
+                        let log_name = exchange_dedup_log_name(&vname, &name);
+                        live_logs.push(log_name.clone());
+                        let log = store
+                            .open_log(&log_name, LogConfig::with_durability(Durability::Always))?;
+                        exchange.dedup = Some(Arc::new(Dedup::open(log, policy)?));
+                    }
+                    st.exchanges.insert(name, exchange);
                 }
                 for (name, (id, auto_delete, arguments)) in rv.queues {
                     max_id = max_id.max(id);
                     let name = QueueName::new(name)?;
                     let queue_type = match arguments.get("x-queue-type").and_then(|v| v.as_str()) {
                         Some("quorum") => QueueType::Quorum,
+                        Some("stream") => QueueType::Stream,
                         _ => QueueType::Classic,
+                    };
+                    let stream = match queue_type {
+                        QueueType::Stream => {
+                            // Checked when declared; a value a later version
+                            // refuses falls back to keeping everything.
+                            Some(StreamPolicy::from_arguments(&arguments).unwrap_or_default())
+                        }
+                        _ => None,
                     };
                     let log = store.open_log(
                         &queue_log_name(id),
-                        LogConfig::with_durability(Durability::Always),
+                        message_log_config(Durability::Always, stream.as_ref()),
                     )?;
                     let acks = store.open_log(
                         &ack_log_name(id),
@@ -577,6 +710,20 @@ impl Broker {
                     )?;
                     live_logs.push(queue_log_name(id));
                     live_logs.push(ack_log_name(id));
+                    let policy = match stream {
+                        Some(_) => QueuePolicy::default(),
+                        None => QueuePolicy::from_arguments(&arguments).unwrap_or_default(),
+                    };
+                    let dedup_log = match policy.dedup {
+                        Some(_) => {
+                            live_logs.push(dedup_log_name(id));
+                            Some(store.open_log(
+                                &dedup_log_name(id),
+                                LogConfig::with_durability(Durability::Always),
+                            )?)
+                        }
+                        None => None,
+                    };
                     let queue = Queue::open(
                         QueueSettings {
                             vhost: vname.clone(),
@@ -585,11 +732,13 @@ impl Broker {
                             durable: true,
                             exclusive_owner: None,
                             auto_delete,
-                            policy: QueuePolicy::from_arguments(&arguments).unwrap_or_default(),
+                            policy,
                             arguments,
                             queue_type,
                             sink: Some(sink_for(&self_ref, vname.clone())),
                             expirer: Some(expirer_for(&self_ref)),
+                            dedup_log,
+                            stream,
                         },
                         log,
                         acks,
@@ -608,6 +757,9 @@ impl Broker {
             }
             vhosts.insert(vname, Arc::new(vhost));
         }
+        let delays = DelayStore::open(&store, DelayLimits::default())?;
+        live_logs.push(delay::DELAY_LOG.to_string());
+        live_logs.push(delay::FIRED_LOG.to_string());
         // Logs of queues that are gone: transient queues of the last run, or
         // deletions that a crash interrupted.
         for name in store.log_names()? {
@@ -622,16 +774,25 @@ impl Broker {
             inner: Arc::new(BrokerInner {
                 store: Mutex::new(Some(store)),
                 defs,
+                delays: Arc::clone(&delays),
                 vhosts: RwLock::new(vhosts),
                 next_id: AtomicU64::new(max_id + 1),
                 runtime,
                 self_ref: Arc::clone(&self_ref),
+                registry: Registry::default(),
+                tracer: Tracer::default(),
+                access: access.into_control(config.access.clone()),
+                alarms: Alarms::default(),
             }),
         };
         let _ = self_ref.set(Arc::downgrade(&broker.inner));
         for queue in queues_to_run {
             broker.spawn_queue(queue);
         }
+        broker
+            .inner
+            .runtime
+            .spawn(delay::run(delays, router_for(&self_ref)));
         if first_start {
             let ticket = broker.add_vhost_inner("/")?;
             if let Some(t) = ticket {
@@ -640,7 +801,16 @@ impl Broker {
                 drop(t);
             }
         }
+        broker.seed_default_user()?;
         Ok(broker)
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(crate) fn tracer(&self) -> &Tracer {
+        &self.inner.tracer
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -656,6 +826,24 @@ impl Broker {
         self.inner.runtime.spawn(queue::run(queue));
     }
 
+    pub(crate) fn access(&self) -> &AccessControl {
+        &self.inner.access
+    }
+
+    /// Appends events to the definitions log as one batch: after a crash
+    /// all of them are there or none.
+    pub(crate) fn persist_all(&self, events: &[DefEvent]) -> Result<Appended, BrokerError> {
+        let records: Vec<StoredRecord> = events
+            .iter()
+            .map(|e| StoredRecord {
+                timestamp: Timestamp::now(),
+                headers: Bytes::new(),
+                body: e.encode().freeze(),
+            })
+            .collect();
+        Ok(self.inner.defs.append(&records)?)
+    }
+
     fn persist(&self, event: &DefEvent) -> Result<Appended, BrokerError> {
         let record = StoredRecord {
             timestamp: Timestamp::now(),
@@ -665,7 +853,7 @@ impl Broker {
         Ok(self.inner.defs.append(std::slice::from_ref(&record))?)
     }
 
-    fn vhost(&self, name: &str) -> Result<Arc<Vhost>, BrokerError> {
+    pub(crate) fn vhost(&self, name: &str) -> Result<Arc<Vhost>, BrokerError> {
         let name = vhost_name(name)?;
         self.inner
             .vhosts
@@ -725,9 +913,21 @@ impl Broker {
             })?;
             (vhost, ticket)
         };
-        let queues: Vec<Arc<Queue>> = vhost.write().queues.drain().map(|(_, q)| q).collect();
+        // After the vhosts lock is released: setting permissions takes the
+        // access lock, then looks the vhost up.
+        self.access().vhost_deleted(vname.as_str());
+        let (queues, exchanges): (Vec<Arc<Queue>>, Vec<Exchange>) = {
+            let mut st = vhost.write();
+            (
+                st.queues.drain().map(|(_, q)| q).collect(),
+                st.exchanges.drain().map(|(_, x)| x).collect(),
+            )
+        };
         for q in queues {
             self.drop_queue_storage(&q)?;
+        }
+        for x in exchanges {
+            self.drop_exchange_storage(&vname, &x)?;
         }
         ticket.durable().await?;
         Ok(())
@@ -742,16 +942,13 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let vh = self.vhost(vhost)?;
         let name = ExchangeName::new(d.name.clone())?;
-        let ticket = {
+        let (ticket, partitions) = {
             let mut st = vh.write();
             if let Some(ex) = st.exchanges.get(&name) {
                 if d.passive {
                     return Ok(());
                 }
-                let kind = d
-                    .kind
-                    .parse::<ExchangeKind>()
-                    .map_err(|e| BrokerError::NotAllowed(e.to_string()))?;
+                let kind = exchange_type(&d.kind, &d.arguments)?;
                 ex.check_equivalent(
                     &vh.name,
                     kind,
@@ -773,10 +970,7 @@ impl Broker {
                     "exchange name '{name}' contains reserved prefix 'amq.'"
                 )));
             }
-            let kind = d
-                .kind
-                .parse::<ExchangeKind>()
-                .map_err(|e| BrokerError::NotAllowed(e.to_string()))?;
+            let (kind, flavor) = exchange_type(&d.kind, &d.arguments)?;
             if let Some(v) = d.arguments.get("alternate-exchange") {
                 if v.as_str().is_none() {
                     return Err(BrokerError::InvalidArgument {
@@ -785,36 +979,167 @@ impl Broker {
                     });
                 }
             }
-            let ticket = if d.durable {
-                Some(self.persist(&DefEvent::ExchangeDeclared {
-                    vhost: vh.name.to_string(),
-                    name: name.to_string(),
-                    kind,
-                    auto_delete: d.auto_delete,
-                    internal: d.internal,
-                    arguments: d.arguments.clone(),
-                })?)
+            if let ExchangeFlavor::SuperStream(partitions) = flavor {
+                let (ticket, queues) =
+                    self.create_super_stream(&vh.name, &mut st, &name, &d, partitions)?;
+                (Some(ticket), queues)
             } else {
-                None
-            };
-            st.exchanges.insert(
-                name.clone(),
-                Exchange::new(
+                let ticket = if d.durable {
+                    Some(self.persist(&DefEvent::ExchangeDeclared {
+                        vhost: vh.name.to_string(),
+                        name: name.to_string(),
+                        kind,
+                        flavor,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: d.arguments.clone(),
+                    })?)
+                } else {
+                    None
+                };
+                let mut exchange = Exchange::new(
                     &vh.name,
-                    name,
+                    name.clone(),
                     kind,
                     d.durable,
                     d.auto_delete,
                     d.internal,
                     d.arguments,
-                ),
-            );
-            ticket
+                );
+                exchange.flavor = flavor;
+                if let ExchangeFlavor::Deduplicating(policy) = flavor {
+                    let log_name = exchange_dedup_log_name(&vh.name, &name);
+                    let log = {
+                        let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+                        let store = store.as_ref().ok_or_else(|| {
+                            BrokerError::NotAllowed("the broker is closed".into())
+                        })?;
+                        // A window left by an earlier exchange of this name (a
+                        // transient one, or a deletion a crash interrupted)
+                        // is not this exchange's.
+                        store.delete_log(&log_name)?;
+                        store.open_log(&log_name, LogConfig::with_durability(Durability::Always))?
+                    };
+                    exchange.dedup = Some(Arc::new(Dedup::open(log, policy)?));
+                }
+                st.exchanges.insert(name, exchange);
+                (ticket, Vec::new())
+            }
         };
+        for queue in partitions {
+            self.spawn_queue(queue);
+        }
         if let Some(t) = ticket {
             t.durable().await?;
         }
         Ok(())
+    }
+
+    /// Creates a super stream under its vhost's lock: the exchange, its
+    /// partition streams and their bindings, recorded as one batch of
+    /// definition events, so after a crash all of them exist or none.
+    /// Returns the batch's ticket and the partitions, whose tasks the
+    /// caller starts.
+    fn create_super_stream(
+        &self,
+        vhost: &VhostName,
+        st: &mut VhostState,
+        name: &ExchangeName,
+        d: &ExchangeDeclare,
+        partitions: u32,
+    ) -> Result<(Appended, Vec<Arc<Queue>>), BrokerError> {
+        let refuse = |property: &str| {
+            BrokerError::PreconditionFailed(format!(
+                "invalid property '{property}' for exchange '{name}' in vhost '{vhost}': \
+                 a super stream must be durable and not auto-delete"
+            ))
+        };
+        if !d.durable {
+            return Err(refuse("non-durable"));
+        }
+        if d.auto_delete {
+            return Err(refuse("auto-delete"));
+        }
+        let mut declares = Vec::with_capacity(partitions as usize);
+        for index in 0..partitions {
+            let queue = QueueName::new(super_stream::partition_queue_name(name.as_str(), index))?;
+            if st.queues.contains_key(&queue) {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{queue}' in vhost '{vhost}' already exists, and super stream \
+                     '{name}' needs that name for its partition {index}; delete the queue or \
+                     choose another name"
+                )));
+            }
+            let declare = QueueDeclare {
+                arguments: super_stream::partition_arguments(&d.arguments, index),
+                ..QueueDeclare::new(queue.as_str())
+            };
+            // Refuses a bad stream argument before anything is created.
+            parse_queue_arguments(&declare)?;
+            declares.push((queue, declare));
+        }
+        let mut events = vec![DefEvent::ExchangeDeclared {
+            vhost: vhost.to_string(),
+            name: name.to_string(),
+            kind: ExchangeKind::Direct,
+            flavor: ExchangeFlavor::SuperStream(partitions),
+            auto_delete: false,
+            internal: d.internal,
+            arguments: d.arguments.clone(),
+        }];
+        let owner = self.new_connection_id();
+        let mut queues: Vec<Arc<Queue>> = Vec::with_capacity(declares.len());
+        for (queue, declare) in &declares {
+            match self.open_new_queue(vhost, queue, declare, owner) {
+                Ok((q, event)) => {
+                    events.extend(event);
+                    queues.push(q);
+                }
+                Err(e) => {
+                    for q in &queues {
+                        self.drop_queue_storage(q)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut exchange = Exchange::new(
+            vhost,
+            name.clone(),
+            ExchangeKind::Direct,
+            true,
+            false,
+            d.internal,
+            d.arguments.clone(),
+        );
+        exchange.flavor = ExchangeFlavor::SuperStream(partitions);
+        for (index, (queue, _)) in (0u32..).zip(&declares) {
+            let (key, arguments) = super_stream::partition_binding(index);
+            exchange
+                .table
+                .bind(Destination::Queue(queue.clone()), &key, &arguments)?;
+            events.push(DefEvent::Bound {
+                vhost: vhost.to_string(),
+                source: name.to_string(),
+                destination: Destination::Queue(queue.clone()),
+                routing_key: key,
+                arguments,
+            });
+        }
+        let ticket = match self.persist_all(&events) {
+            Ok(t) => t,
+            Err(e) => {
+                for q in &queues {
+                    self.drop_queue_storage(q)?;
+                }
+                return Err(e);
+            }
+        };
+        for q in &queues {
+            st.queues.insert(q.name.clone(), Arc::clone(q));
+        }
+        st.exchanges.insert(name.clone(), exchange);
+        Ok((ticket, queues))
     }
 
     /// Deletes an exchange and its bindings. With `if_unused`, refuses (406)
@@ -833,7 +1158,7 @@ impl Broker {
                 vh.name
             )));
         }
-        let ticket = {
+        let (ticket, partitions) = {
             let mut st = vh.write();
             let Some(ex) = st.exchanges.get(&name) else {
                 return Err(BrokerError::ExchangeNotFound {
@@ -847,21 +1172,48 @@ impl Broker {
                     vh.name
                 )));
             }
+            // A super stream's partitions go with it (the streams of those
+            // names that still exist).
+            let partitions: Vec<Arc<Queue>> = match ex.flavor {
+                ExchangeFlavor::SuperStream(n) => (0..n)
+                    .filter_map(|i| {
+                        QueueName::new(super_stream::partition_queue_name(name.as_str(), i)).ok()
+                    })
+                    .filter_map(|q| st.queues.get(&q).filter(|q| q.is_stream()).cloned())
+                    .collect(),
+                _ => Vec::new(),
+            };
             let ticket = if ex.durable {
-                Some(self.persist(&DefEvent::ExchangeDeleted {
+                let mut events = vec![DefEvent::ExchangeDeleted {
                     vhost: vh.name.to_string(),
                     name: name.to_string(),
-                })?)
+                }];
+                events.extend(partitions.iter().map(|q| DefEvent::QueueDeleted {
+                    vhost: vh.name.to_string(),
+                    name: q.name.to_string(),
+                }));
+                Some(self.persist_all(&events)?)
             } else {
                 None
             };
-            st.exchanges.remove(&name);
-            let dest = Destination::Exchange(name);
-            for ex in st.exchanges.values_mut() {
-                ex.table.remove_destination(&dest);
+            if let Some(ex) = st.exchanges.remove(&name) {
+                self.drop_exchange_storage(&vh.name, &ex)?;
             }
-            ticket
+            let mut dests = vec![Destination::Exchange(name)];
+            for q in &partitions {
+                st.queues.remove(&q.name);
+                dests.push(Destination::Queue(q.name.clone()));
+            }
+            for ex in st.exchanges.values_mut() {
+                for dest in &dests {
+                    ex.table.remove_destination(dest);
+                }
+            }
+            (ticket, partitions)
         };
+        for q in &partitions {
+            self.drop_queue_storage(q)?;
+        }
         if let Some(t) = ticket {
             t.durable().await?;
         }
@@ -931,58 +1283,10 @@ impl Broker {
                     "queue name '{name}' contains reserved prefix 'amq.'"
                 )));
             }
-            let (queue_type, policy) = parse_queue_arguments(&d)?;
-            let id = self.next_id();
-            let persistent = d.durable && !d.exclusive;
-            let durability = if persistent {
-                Durability::Always
-            } else {
-                Durability::Never
-            };
-            let (log, acks) = {
-                let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
-                let store = store
-                    .as_ref()
-                    .ok_or_else(|| BrokerError::NotAllowed("the broker is closed".into()))?;
-                (
-                    store.open_log(&queue_log_name(id), LogConfig::with_durability(durability))?,
-                    store.open_log(
-                        &ack_log_name(id),
-                        LogConfig::with_durability(if persistent {
-                            Durability::Interval(ACK_SYNC_INTERVAL)
-                        } else {
-                            Durability::Never
-                        }),
-                    )?,
-                )
-            };
-            let queue = Queue::open(
-                QueueSettings {
-                    vhost: vh.name.clone(),
-                    name: name.clone(),
-                    id,
-                    durable: d.durable,
-                    exclusive_owner: d.exclusive.then_some(owner),
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments.clone(),
-                    queue_type,
-                    policy,
-                    sink: Some(self.dead_letter_sink(vh.name.clone())),
-                    expirer: Some(expirer_for(&self.inner.self_ref)),
-                },
-                log,
-                acks,
-            )?;
-            let ticket = if persistent {
-                Some(self.persist(&DefEvent::QueueDeclared {
-                    vhost: vh.name.to_string(),
-                    name: name.to_string(),
-                    id,
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments.clone(),
-                })?)
-            } else {
-                None
+            let (queue, event) = self.open_new_queue(&vh.name, &name, &d, owner)?;
+            let ticket = match event {
+                Some(event) => Some(self.persist(&event)?),
+                None => None,
             };
             st.queues.insert(name.clone(), Arc::clone(&queue));
             (queue, ticket)
@@ -996,6 +1300,85 @@ impl Broker {
             message_count: 0,
             consumer_count: 0,
         })
+    }
+
+    /// Opens a new queue's logs and state; the caller records the returned
+    /// definition event (with others, for a super stream's partitions) and
+    /// inserts the queue into its vhost.
+    fn open_new_queue(
+        &self,
+        vhost: &VhostName,
+        name: &QueueName,
+        d: &QueueDeclare,
+        owner: ConnectionId,
+    ) -> Result<(Arc<Queue>, Option<DefEvent>), BrokerError> {
+        let (queue_type, policy, stream) = parse_queue_arguments(d)?;
+        let id = self.next_id();
+        let persistent = d.durable && !d.exclusive;
+        let durability = if persistent {
+            Durability::Always
+        } else {
+            Durability::Never
+        };
+        let (log, acks, dedup_log) =
+            {
+                let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+                let store = store
+                    .as_ref()
+                    .ok_or_else(|| BrokerError::NotAllowed("the broker is closed".into()))?;
+                (
+                    store.open_log(
+                        &queue_log_name(id),
+                        message_log_config(durability, stream.as_ref()),
+                    )?,
+                    store.open_log(
+                        &ack_log_name(id),
+                        LogConfig::with_durability(if persistent {
+                            Durability::Interval(ACK_SYNC_INTERVAL)
+                        } else {
+                            Durability::Never
+                        }),
+                    )?,
+                    match policy.dedup {
+                        Some(_) => Some(store.open_log(
+                            &dedup_log_name(id),
+                            LogConfig::with_durability(durability),
+                        )?),
+                        None => None,
+                    },
+                )
+            };
+        let queue = Queue::open(
+            QueueSettings {
+                vhost: vhost.clone(),
+                name: name.clone(),
+                id,
+                durable: d.durable,
+                exclusive_owner: d.exclusive.then_some(owner),
+                auto_delete: d.auto_delete,
+                arguments: d.arguments.clone(),
+                queue_type,
+                policy,
+                sink: Some(self.dead_letter_sink(vhost.clone())),
+                expirer: Some(expirer_for(&self.inner.self_ref)),
+                dedup_log,
+                stream,
+            },
+            log,
+            acks,
+        )?;
+        let event = if persistent {
+            Some(DefEvent::QueueDeclared {
+                vhost: vhost.to_string(),
+                name: name.to_string(),
+                id,
+                auto_delete: d.auto_delete,
+                arguments: d.arguments.clone(),
+            })
+        } else {
+            None
+        };
+        Ok((queue, event))
     }
 
     /// Deletes a queue and its messages. With `if_unused` it refuses (406)
@@ -1053,6 +1436,7 @@ impl Broker {
             }
             for name in emptied {
                 if let Some(ex) = st.exchanges.remove(&name) {
+                    self.drop_exchange_storage(&vh.name, &ex)?;
                     if ex.durable {
                         drop(self.persist(&DefEvent::ExchangeDeleted {
                             vhost: vh.name.to_string(),
@@ -1074,12 +1458,26 @@ impl Broker {
         Ok(ticket)
     }
 
+    /// Deletes a removed exchange's files: a deduplicating exchange's
+    /// window.
+    fn drop_exchange_storage(&self, vhost: &VhostName, ex: &Exchange) -> Result<(), BrokerError> {
+        if ex.dedup.is_none() {
+            return Ok(());
+        }
+        let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = store.as_ref() {
+            store.delete_log(&exchange_dedup_log_name(vhost, &ex.name))?;
+        }
+        Ok(())
+    }
+
     fn drop_queue_storage(&self, queue: &Arc<Queue>) -> Result<(), BrokerError> {
         queue.mark_deleted();
         let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(store) = store.as_ref() {
             store.delete_log(&queue_log_name(queue.id))?;
             store.delete_log(&ack_log_name(queue.id))?;
+            store.delete_log(&dedup_log_name(queue.id))?;
         }
         Ok(())
     }
@@ -1101,10 +1499,54 @@ impl Broker {
     ) -> Result<u64, BrokerError> {
         let vh = self.vhost(vhost)?;
         let queue = self.find_queue(&vh.name, name, Some(owner))?;
+        if queue.is_stream() {
+            return Err(BrokerError::NotImplemented(format!(
+                "queue.purge not supported by stream queues queue '{}' in vhost '{}'",
+                queue.name, vh.name
+            )));
+        }
         Ok(queue.purge())
     }
 
-    /// Facts about a queue: ready, unacked and consumer counts.
+    /// A stream's extent and every consumer's position and lag: attached
+    /// consumers, and named ones that are away (their committed offsets).
+    /// 406 if the queue is not a stream.
+    pub fn stream_offsets(&self, vhost: &str, name: &str) -> Result<StreamOffsets, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let queue = self.find_queue(&vh.name, name, None)?;
+        queue.stream_offsets().ok_or_else(|| {
+            BrokerError::PreconditionFailed(format!(
+                "queue '{}' in vhost '{}' is not a stream",
+                queue.name, vh.name
+            ))
+        })
+    }
+
+    /// Applies a stream's retention now, as its task does on a timer and
+    /// when appends start a new segment; `now` (ms since the epoch) is the
+    /// clock `x-max-age` is measured against, so tests and tools can look
+    /// ahead. Returns how many segments were deleted.
+    pub fn apply_stream_retention(
+        &self,
+        vhost: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<u64, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let queue = self.find_queue(&vh.name, name, None)?;
+        if !queue.is_stream() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{}' in vhost '{}' is not a stream",
+                queue.name, vh.name
+            )));
+        }
+        let deleted = queue.apply_stream_retention(tern_storage::Timestamp(now_ms))?;
+        queue.pump();
+        Ok(deleted)
+    }
+
+    /// Facts about a queue: its properties and arguments; ready, unacked
+    /// and consumer counts.
     pub fn queue_info(&self, vhost: &str, name: &str) -> Result<QueueInfo, BrokerError> {
         let vh = self.vhost(vhost)?;
         let queue = self.find_queue(&vh.name, name, None).or_else(|e| match e {
@@ -1114,16 +1556,7 @@ impl Broker {
             }
             other => Err(other),
         })?;
-        Ok(QueueInfo {
-            name: queue.name.clone(),
-            durable: queue.durable,
-            exclusive: queue.exclusive_owner.is_some(),
-            auto_delete: queue.auto_delete,
-            queue_type: queue.queue_type,
-            ready: queue.message_count(),
-            unacked: queue.unacked_count() as u64,
-            consumers: queue.consumer_count() as u32,
-        })
+        Ok(QueueInfo::of(&queue))
     }
 
     /// The names of every queue in a vhost.
@@ -1217,6 +1650,7 @@ impl Broker {
             }
             if auto_delete_now {
                 if let Some(ex) = st.exchanges.remove(&source) {
+                    self.drop_exchange_storage(&vh.name, &ex)?;
                     if ex.durable {
                         ticket = Some(self.persist(&DefEvent::ExchangeDeleted {
                             vhost: vh.name.to_string(),
@@ -1312,18 +1746,49 @@ impl Broker {
     pub fn publish(&self, vhost: &str, message: Message) -> Result<Published, BrokerError> {
         let vh = self.vhost(vhost)?;
         let st = vh.read();
-        let queues = route(&vh.name, &st, &message)?;
+        let delay = st
+            .exchanges
+            .get(&message.exchange)
+            .and_then(|ex| delay::requested_delay(ex, &message));
+        let queues = match delay {
+            None => route(&vh.name, &st, &message)?,
+            Some(_) => Vec::new(),
+        };
         if let Some(expiration) = &message.properties.expiration {
             crate::policy::parse_expiration(expiration)?;
         }
-        let mut tickets = Vec::with_capacity(queues.len());
+        if let Some(ms) = delay {
+            // Routed when due, by the delay store.
+            let due = Timestamp::now().0.saturating_add(ms);
+            let ticket = self.inner.delays.insert(vh.name.as_str(), &message, due)?;
+            return Ok(Published::accepted(ticket));
+        }
         let mut rejected = false;
-        for q in &queues {
-            if q.refuses(&message) {
-                rejected = true;
-                continue;
+        let mut store = || -> Result<Vec<Appended>, BrokerError> {
+            let mut tickets = Vec::with_capacity(queues.len());
+            for q in &queues {
+                if q.refuses(&message) {
+                    rejected = true;
+                    continue;
+                }
+                tickets.extend(q.append_published(&message)?);
             }
-            tickets.push(q.append(&message)?);
+            Ok(tickets)
+        };
+        let dedup = st
+            .exchanges
+            .get(&message.exchange)
+            .and_then(|x| x.dedup.as_ref());
+        let tickets = match dedup {
+            // A duplicate is confirmed (once its marker is durable) and
+            // counts as routed where the original went, so a mandatory
+            // publish of it is not returned.
+            Some(window) => window.admit(&message, store)?.0,
+            None => store()?,
+        };
+        if self.tracer().key(&message).is_some() {
+            let names = queues.iter().map(|q| q.name.clone()).collect();
+            self.tracer().published(&message, names);
         }
         Ok(Published {
             routed: queues.len(),
@@ -1352,6 +1817,51 @@ impl Broker {
                 continue;
             }
             let _ = q.append(&message);
+        }
+    }
+
+    /// Routes a delayed message that is due, as a publish at this moment
+    /// would (but never into the delay store again). Returns the tickets of
+    /// its appends; a message that cannot be routed is dropped.
+    fn publish_due(&self, vhost: &str, message: Message) -> Vec<Appended> {
+        let Ok(vh) = self.vhost(vhost) else {
+            return Vec::new();
+        };
+        let st = vh.read();
+        let Ok(queues) = route(&vh.name, &st, &message) else {
+            return Vec::new();
+        };
+        queues
+            .iter()
+            .filter(|q| !q.refuses(&message))
+            .filter_map(|q| q.append(&message).ok())
+            .collect()
+    }
+
+    /// The delay store, for [`Broker::publish_delayed`].
+    pub(crate) fn delays(&self) -> &DelayStore {
+        &self.inner.delays
+    }
+
+    /// Checks that `vhost` exists and holds the message's exchange, which a
+    /// client may publish to. Returns the vhost's name.
+    pub(crate) fn check_exchange(
+        &self,
+        vhost: &str,
+        message: &Message,
+    ) -> Result<VhostName, BrokerError> {
+        let vh = self.vhost(vhost)?;
+        let st = vh.read();
+        match st.exchanges.get(&message.exchange) {
+            None => Err(BrokerError::ExchangeNotFound {
+                vhost: vh.name.to_string(),
+                exchange: message.exchange.to_string(),
+            }),
+            Some(ex) if ex.internal => Err(BrokerError::AccessRefused(format!(
+                "cannot publish to internal exchange '{}' in vhost '{}'",
+                ex.name, vh.name
+            ))),
+            Some(_) => Ok(vh.name.clone()),
         }
     }
 
@@ -1395,6 +1905,12 @@ impl Broker {
         Ok(())
     }
 
+    /// The broker's resource alarms: none raised until something raises
+    /// them, such as the monitor [`Alarms::monitor`] starts.
+    pub fn alarms(&self) -> &Alarms {
+        &self.inner.alarms
+    }
+
     /// What the storage journal has done since the broker opened: group
     /// commits (one fsync each), batches, records and bytes. `None` once closed.
     pub fn journal_stats(&self) -> Option<JournalStats> {
@@ -1404,6 +1920,17 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(Store::journal_stats)
+    }
+
+    /// How long the storage's commit fsyncs have taken since the broker
+    /// opened, as a histogram. `None` once closed.
+    pub fn fsync_histogram(&self) -> Option<FsyncHistogram> {
+        self.inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Store::fsync_histogram)
     }
 
     /// Stops every queue and closes the store, flushing it to disk. Other
@@ -1423,6 +1950,7 @@ impl Broker {
                 q.mark_deleted();
             }
         }
+        self.inner.delays.close();
         let store = self
             .inner
             .store
@@ -1437,7 +1965,7 @@ impl Broker {
 }
 
 /// Facts about a queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueInfo {
     /// Its name.
     pub name: QueueName,
@@ -1449,6 +1977,8 @@ pub struct QueueInfo {
     pub auto_delete: bool,
     /// Its type.
     pub queue_type: QueueType,
+    /// The arguments it was declared with (`x-max-length`...).
+    pub arguments: FieldTable,
     /// Messages ready for delivery.
     pub ready: u64,
     /// Messages delivered and not yet acknowledged.
@@ -1536,6 +2066,8 @@ fn route(
             if let Ok(q) = QueueName::new(message.routing_key.clone()) {
                 dests.push(Destination::Queue(q));
             }
+        } else if let Some(key) = super_stream::routing_key(ex, message) {
+            ex.table.route(&key, headers, &mut dests);
         } else {
             ex.table.route(&message.routing_key, headers, &mut dests);
         }

@@ -8,7 +8,8 @@
 //! its consumers are cancelled and every message it has not acknowledged
 //! returns to its queue, in the queue's original order, marked redelivered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tern_storage::Offset;
@@ -21,6 +22,9 @@ use crate::name::{QueueName, VhostName};
 use crate::queue::{
     ChannelCredit, ChannelId, ConnectionId, ConsumerId, ConsumerSpec, Queue, QueueEvent,
 };
+use crate::registry::ConsumerRegistration;
+use crate::trace::{TraceEventKind, TraceKey};
+use crate::value::FieldTable;
 
 /// The number a channel gives each delivery, starting at 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,6 +86,9 @@ pub struct ConsumeOptions {
     pub exclusive: bool,
     /// Higher-priority consumers receive messages first (`x-priority`).
     pub priority: i32,
+    /// The consumer's other arguments: on a stream, `x-stream-offset` and
+    /// `x-stream-consumer-name` (see [`crate::stream`]).
+    pub arguments: FieldTable,
 }
 
 #[derive(Debug)]
@@ -89,6 +96,10 @@ struct Pending {
     queue: Arc<Queue>,
     offset: Offset,
     took_credit: bool,
+    /// The consumer it was delivered to (`None` for `basic.get`).
+    consumer: Option<ConsumerId>,
+    /// The message's trace key, when tracing recorded it.
+    trace: Option<TraceKey>,
 }
 
 /// A channel. Dropping it has the same effect as [`Channel::close`].
@@ -102,10 +113,19 @@ pub struct Channel {
     rx: mpsc::UnboundedReceiver<QueueEvent>,
     next_tag: u64,
     unacked: BTreeMap<DeliveryTag, Pending>,
+    /// Tags whose messages a single-active-consumer queue took back when
+    /// their consumer was cancelled: acking or rejecting them does nothing,
+    /// since the message may already be with the next consumer.
+    revoked_tags: BTreeSet<DeliveryTag>,
+    /// Cancelled consumers whose deliveries were taken back: any of theirs
+    /// still on the way to this channel is dropped, not delivered.
+    revoked_consumers: HashSet<ConsumerId>,
     consumers: HashMap<String, (Arc<Queue>, ConsumerId)>,
     prefetch: u32,
     credit: Arc<ChannelCredit>,
     closed: bool,
+    /// The registry's copy of `unacked.len()`, for the channel listing.
+    unacked_gauge: Arc<AtomicU64>,
 }
 
 impl Channel {
@@ -116,6 +136,9 @@ impl Channel {
         vhost: VhostName,
     ) -> Channel {
         let (tx, rx) = mpsc::unbounded_channel();
+        let unacked_gauge = broker
+            .registry()
+            .add_channel(ChannelId(id), connection, vhost.clone());
         Channel {
             broker,
             id: ChannelId(id),
@@ -125,11 +148,25 @@ impl Channel {
             rx,
             next_tag: 1,
             unacked: BTreeMap::new(),
+            revoked_tags: BTreeSet::new(),
+            revoked_consumers: HashSet::new(),
             consumers: HashMap::new(),
             prefetch: 0,
             credit: Arc::new(ChannelCredit::default()),
             closed: false,
+            unacked_gauge,
         }
+    }
+
+    /// Records the number its front door gave the channel (an AMQP channel
+    /// number), for listings.
+    pub fn set_number(&self, number: u16) {
+        self.broker.registry().set_channel_number(self.id, number);
+    }
+
+    fn note_unacked(&self) {
+        self.unacked_gauge
+            .store(self.unacked.len() as u64, Ordering::Relaxed);
     }
 
     /// The vhost the channel works in.
@@ -180,45 +217,112 @@ impl Channel {
             exclusive: options.exclusive,
             tx: self.tx.clone(),
             credit: Arc::clone(&self.credit),
+            arguments: options.arguments,
         })?;
+        self.broker.registry().add_consumer(ConsumerRegistration {
+            id,
+            channel: self.id,
+            connection: self.connection,
+            tag: tag.clone(),
+            queue: queue.name.clone(),
+            vhost: self.vhost.clone(),
+            prefetch: self.prefetch,
+            no_ack: options.no_ack,
+            exclusive: options.exclusive,
+            priority: options.priority,
+        });
         self.consumers.insert(tag.clone(), (queue, id));
         Ok(tag)
     }
 
-    /// Stops a consumer. Its unacked deliveries stay unacked on this channel.
-    /// Returns whether the consumer existed.
+    /// Stops a consumer. Its unacked deliveries stay unacked on this channel,
+    /// except on a single-active-consumer queue: there they go back to the
+    /// queue at once, ahead of newer messages, for the next consumer (later
+    /// acks of their tags are ignored). Returns whether the consumer existed.
     pub fn cancel(&mut self, consumer_tag: &str) -> bool {
         let Some((queue, id)) = self.consumers.remove(consumer_tag) else {
             return false;
         };
-        if queue.remove_consumer(id) {
+        self.broker.registry().remove_consumer(id);
+        let removed = queue.remove_consumer(id);
+        if removed.revoked {
+            self.revoked_consumers.insert(id);
+            let tags: Vec<DeliveryTag> = self
+                .unacked
+                .iter()
+                .filter(|(_, p)| p.consumer == Some(id))
+                .map(|(t, _)| *t)
+                .collect();
+            let mut credits = 0;
+            for tag in tags {
+                if let Some(p) = self.unacked.remove(&tag) {
+                    credits += u32::from(p.took_credit);
+                    self.revoked_tags.insert(tag);
+                }
+            }
+            self.release_credit(credits);
+        }
+        if removed.auto_delete {
             self.broker.auto_delete_queue(&queue);
         }
         true
     }
 
+    /// Frees channel-wide prefetch credit, letting every queue deliver again.
+    fn release_credit(&self, credits: u32) {
+        if credits > 0 {
+            self.credit.release(credits);
+            self.pump_all();
+        }
+    }
+
     /// The next event for this channel's consumers.
     pub async fn recv(&mut self) -> Option<ChannelEvent> {
-        let event = self.rx.recv().await?;
-        Some(self.accept(event))
+        loop {
+            let event = self.rx.recv().await?;
+            if let Some(event) = self.accept(event) {
+                return Some(event);
+            }
+        }
     }
 
     /// The next event, if one is waiting.
     pub fn try_recv(&mut self) -> Option<ChannelEvent> {
-        let event = self.rx.try_recv().ok()?;
-        Some(self.accept(event))
+        loop {
+            let event = self.rx.try_recv().ok()?;
+            if let Some(event) = self.accept(event) {
+                return Some(event);
+            }
+        }
     }
 
-    fn accept(&mut self, event: QueueEvent) -> ChannelEvent {
-        match event {
+    /// Numbers a delivery, or drops it if its queue already took it back.
+    fn accept(&mut self, event: QueueEvent) -> Option<ChannelEvent> {
+        Some(match event {
             QueueEvent::Cancelled { consumer_tag } => {
-                self.consumers.remove(&consumer_tag);
+                if let Some((_, id)) = self.consumers.remove(&consumer_tag) {
+                    self.broker.registry().remove_consumer(id);
+                }
                 ChannelEvent::Cancelled { consumer_tag }
+            }
+            QueueEvent::Delivery(d) if self.revoked_consumers.contains(&d.consumer) => {
+                // Sent before the consumer's cancel; the queue has requeued it.
+                self.release_credit(u32::from(d.took_credit));
+                return None;
             }
             QueueEvent::Delivery(d) => {
                 let tag = DeliveryTag(self.next_tag);
                 self.next_tag += 1;
                 let queue_name = d.queue.name.clone();
+                let trace = self.broker.tracer().key(&d.message);
+                if let Some(key) = &trace {
+                    self.broker.tracer().event(
+                        key,
+                        TraceEventKind::Delivered,
+                        &queue_name,
+                        Some(&d.consumer_tag),
+                    );
+                }
                 if !d.settled {
                     self.unacked.insert(
                         tag,
@@ -226,8 +330,11 @@ impl Channel {
                             queue: d.queue,
                             offset: d.offset,
                             took_credit: d.took_credit,
+                            consumer: Some(d.consumer),
+                            trace,
                         },
                     );
+                    self.note_unacked();
                 }
                 ChannelEvent::Delivery(Delivery {
                     tag,
@@ -238,7 +345,7 @@ impl Channel {
                     message: d.message,
                 })
             }
-        }
+        })
     }
 
     /// Fetches one message from `queue` (`basic.get`), or `None` if it is empty.
@@ -251,6 +358,12 @@ impl Channel {
         };
         let tag = DeliveryTag(self.next_tag);
         self.next_tag += 1;
+        let trace = self.broker.tracer().key(&fetched.message);
+        if let Some(key) = &trace {
+            self.broker
+                .tracer()
+                .event(key, TraceEventKind::Delivered, &queue.name, None);
+        }
         if !no_ack {
             self.unacked.insert(
                 tag,
@@ -258,8 +371,11 @@ impl Channel {
                     queue,
                     offset: fetched.offset,
                     took_credit: false,
+                    consumer: None,
+                    trace,
                 },
             );
+            self.note_unacked();
         }
         Ok(Some(GetOk {
             tag,
@@ -272,15 +388,20 @@ impl Channel {
 
     /// The tags that `tag` (and, with `multiple`, every earlier tag) names.
     /// Tag 0 with `multiple` means every unacked delivery.
+    /// Revoked tags among them are forgotten and yield nothing.
     fn take(&mut self, tag: DeliveryTag, multiple: bool) -> Result<Vec<Pending>, BrokerError> {
         if multiple {
             let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
-            if tag.0 != 0 && !self.unacked.contains_key(&tag) {
+            if tag.0 != 0 && !self.unacked.contains_key(&tag) && !self.revoked_tags.contains(&tag) {
                 return Err(unknown_tag(tag));
             }
-            let rest = self.unacked.split_off(&DeliveryTag(upto.saturating_add(1)));
+            let after = DeliveryTag(upto.saturating_add(1));
+            self.revoked_tags = self.revoked_tags.split_off(&after);
+            let rest = self.unacked.split_off(&after);
             let taken = std::mem::replace(&mut self.unacked, rest);
             Ok(taken.into_values().collect())
+        } else if self.revoked_tags.remove(&tag) {
+            Ok(Vec::new())
         } else {
             self.unacked
                 .remove(&tag)
@@ -324,15 +445,33 @@ impl Channel {
 
     /// Returns every unacked delivery to its queue (`basic.recover` with requeue).
     pub fn recover(&mut self) {
+        self.revoked_tags.clear();
         let taken = std::mem::take(&mut self.unacked).into_values().collect();
         self.settle(taken, Settle::Requeue);
     }
 
     fn settle(&mut self, taken: Vec<Pending>, how: Settle) {
+        self.note_unacked();
         let credits: u32 = taken.iter().filter(|p| p.took_credit).count() as u32;
         self.credit.release(credits);
+        let kind = match how {
+            Settle::Ack => TraceEventKind::Acked,
+            Settle::Drop => TraceEventKind::Rejected,
+            Settle::Requeue => TraceEventKind::Requeued,
+        };
+        for p in &taken {
+            if let Some(key) = &p.trace {
+                self.broker.tracer().event(key, kind, &p.queue.name, None);
+            }
+        }
         let mut by_queue: Vec<(Arc<Queue>, Vec<Offset>)> = Vec::new();
         for p in taken {
+            if let (true, Some(consumer)) = (p.queue.is_stream(), p.consumer) {
+                // Streams delete nothing: every settlement is an ack (credit
+                // and a commit), as RabbitMQ ignores requeue there.
+                p.queue.settle_stream(consumer, &[p.offset]);
+                continue;
+            }
             match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &p.queue)) {
                 Some((_, offsets)) => offsets.push(p.offset),
                 None => by_queue.push((p.queue, vec![p.offset])),
@@ -367,6 +506,7 @@ impl Channel {
             return;
         }
         self.closed = true;
+        self.broker.registry().remove_channel(self.id);
         let mut queues: Vec<Arc<Queue>> = self.consumers.drain().map(|(_, (q, _))| q).collect();
         let add = |queue: Arc<Queue>, queues: &mut Vec<Arc<Queue>>| {
             if !queues.iter().any(|q| Arc::ptr_eq(q, &queue)) {
@@ -406,4 +546,40 @@ enum Settle {
 
 fn unknown_tag(tag: DeliveryTag) -> BrokerError {
     BrokerError::PreconditionFailed(format!("unknown delivery tag {}", tag.0))
+}
+
+/// What a front door needs for AMQP transactions and direct reply-to, kept
+/// apart from the rest of the channel: reading which deliveries an ack would
+/// settle (a transaction checks and remembers them at ack time but settles
+/// them at commit), and numbering a delivery the front door makes itself.
+impl Channel {
+    /// The unacked deliveries that settling `tag` would settle: `tag`
+    /// itself, or with `multiple` every unacked tag up to it (every one for
+    /// tag 0), in order. Nothing changes. An unknown tag is the same 406
+    /// error [`Channel::ack`] gives.
+    pub fn unacked_tags(
+        &self,
+        tag: DeliveryTag,
+        multiple: bool,
+    ) -> Result<Vec<DeliveryTag>, BrokerError> {
+        if multiple && tag.0 == 0 {
+            return Ok(self.unacked.keys().copied().collect());
+        }
+        if !self.unacked.contains_key(&tag) {
+            return Err(unknown_tag(tag));
+        }
+        if !multiple {
+            return Ok(vec![tag]);
+        }
+        Ok(self.unacked.range(..=tag).map(|(t, _)| *t).collect())
+    }
+
+    /// Takes the next delivery tag for a delivery that did not come from a
+    /// queue (a direct reply-to message): it is never unacked, but it must
+    /// share the channel's numbering with every other delivery.
+    pub fn next_delivery_tag(&mut self) -> DeliveryTag {
+        let tag = DeliveryTag(self.next_tag);
+        self.next_tag += 1;
+        tag
+    }
 }

@@ -1,7 +1,7 @@
-//! Durable definitions: vhosts, exchanges, queues and bindings survive a
-//! restart because every change to a durable one is appended to a
-//! `tern-storage` log (`definitions`, fsynced before the change is
-//! acknowledged) and replayed in order on start.
+//! Durable definitions: vhosts, exchanges, queues, bindings, users and
+//! permissions survive a restart because every change to a durable one is
+//! appended to a `tern-storage` log (`definitions`, fsynced before the change
+//! is acknowledged) and replayed in order on start.
 //!
 //! Record layout: one event per record body, `u8` event kind, then its
 //! fields: strings as `u16` length + UTF-8, flags as `u8`, argument tables as
@@ -10,6 +10,7 @@
 use bytes::{BufMut, BytesMut};
 
 use crate::codec;
+use crate::exchange::ExchangeFlavor;
 use crate::routing::{Destination, ExchangeKind};
 use crate::value::FieldTable;
 
@@ -26,6 +27,10 @@ pub(crate) enum DefEvent {
         vhost: String,
         name: String,
         kind: ExchangeKind,
+        /// A delayed or deduplicating exchange, routing as `kind`. Recorded
+        /// as its type name (`x-delayed-message`, `x-message-deduplication`);
+        /// `kind` and the flavor's settings then come from the arguments.
+        flavor: ExchangeFlavor,
         auto_delete: bool,
         internal: bool,
         arguments: FieldTable,
@@ -62,6 +67,31 @@ pub(crate) enum DefEvent {
     /// Everything before this is replaced by the events that follow it in
     /// the same batch: the definitions log's compaction.
     Snapshot,
+    /// The first start's default user was created: never again, even if
+    /// every user is deleted.
+    AccessInitialised,
+    /// A user was created or replaced.
+    UserPut {
+        name: String,
+        /// An argon2 PHC string; `None` for a user without a password.
+        password_hash: Option<String>,
+        /// Comma-separated tags, as RabbitMQ writes them.
+        tags: String,
+    },
+    UserDeleted {
+        name: String,
+    },
+    PermissionSet {
+        vhost: String,
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+    },
+    PermissionCleared {
+        vhost: String,
+        user: String,
+    },
 }
 
 const VHOST_ADDED: u8 = 1;
@@ -73,6 +103,11 @@ const QUEUE_DELETED: u8 = 6;
 const BOUND: u8 = 7;
 const UNBOUND: u8 = 8;
 const SNAPSHOT: u8 = 9;
+const ACCESS_INITIALISED: u8 = 10;
+const USER_PUT: u8 = 11;
+const USER_DELETED: u8 = 12;
+const PERMISSION_SET: u8 = 13;
+const PERMISSION_CLEARED: u8 = 14;
 
 fn put_str(out: &mut BytesMut, s: &str) {
     // Names are validated to at most 255 bytes and routing keys to 65535.
@@ -105,6 +140,44 @@ impl DefEvent {
         let mut out = BytesMut::new();
         match self {
             DefEvent::Snapshot => out.put_u8(SNAPSHOT),
+            DefEvent::AccessInitialised => out.put_u8(ACCESS_INITIALISED),
+            DefEvent::UserPut {
+                name,
+                password_hash,
+                tags,
+            } => {
+                out.put_u8(USER_PUT);
+                put_str(&mut out, name);
+                match password_hash {
+                    Some(h) => {
+                        out.put_u8(1);
+                        put_str(&mut out, h);
+                    }
+                    None => out.put_u8(0),
+                }
+                put_str(&mut out, tags);
+            }
+            DefEvent::UserDeleted { name } => {
+                out.put_u8(USER_DELETED);
+                put_str(&mut out, name);
+            }
+            DefEvent::PermissionSet {
+                vhost,
+                user,
+                configure,
+                write,
+                read,
+            } => {
+                out.put_u8(PERMISSION_SET);
+                for s in [vhost, user, configure, write, read] {
+                    put_str(&mut out, s);
+                }
+            }
+            DefEvent::PermissionCleared { vhost, user } => {
+                out.put_u8(PERMISSION_CLEARED);
+                put_str(&mut out, vhost);
+                put_str(&mut out, user);
+            }
             DefEvent::VhostAdded { vhost } => {
                 out.put_u8(VHOST_ADDED);
                 put_str(&mut out, vhost);
@@ -117,6 +190,7 @@ impl DefEvent {
                 vhost,
                 name,
                 kind,
+                flavor,
                 auto_delete,
                 internal,
                 arguments,
@@ -124,7 +198,7 @@ impl DefEvent {
                 out.put_u8(EXCHANGE_DECLARED);
                 put_str(&mut out, vhost);
                 put_str(&mut out, name);
-                put_str(&mut out, kind.as_str());
+                put_str(&mut out, flavor.type_name(*kind));
                 out.put_u8(u8::from(*auto_delete));
                 out.put_u8(u8::from(*internal));
                 put_table(&mut out, arguments);
@@ -188,14 +262,21 @@ impl DefEvent {
         let ev = match kind {
             VHOST_ADDED => DefEvent::VhostAdded { vhost: r.str()? },
             VHOST_DELETED => DefEvent::VhostDeleted { vhost: r.str()? },
-            EXCHANGE_DECLARED => DefEvent::ExchangeDeclared {
-                vhost: r.str()?,
-                name: r.str()?,
-                kind: r.str()?.parse().map_err(|e| format!("{e}"))?,
-                auto_delete: r.u8()? != 0,
-                internal: r.u8()? != 0,
-                arguments: r.table()?,
-            },
+            EXCHANGE_DECLARED => {
+                let (vhost, name, kind) = (r.str()?, r.str()?, r.str()?);
+                let (auto_delete, internal, arguments) = (r.u8()? != 0, r.u8()? != 0, r.table()?);
+                let (kind, flavor) =
+                    crate::exchange::exchange_type(&kind, &arguments).map_err(|e| e.to_string())?;
+                DefEvent::ExchangeDeclared {
+                    vhost,
+                    name,
+                    kind,
+                    flavor,
+                    auto_delete,
+                    internal,
+                    arguments,
+                }
+            }
             EXCHANGE_DELETED => DefEvent::ExchangeDeleted {
                 vhost: r.str()?,
                 name: r.str()?,
@@ -236,6 +317,27 @@ impl DefEvent {
                 }
             }
             SNAPSHOT => DefEvent::Snapshot,
+            ACCESS_INITIALISED => DefEvent::AccessInitialised,
+            USER_PUT => DefEvent::UserPut {
+                name: r.str()?,
+                password_hash: match r.u8()? {
+                    0 => None,
+                    _ => Some(r.str()?),
+                },
+                tags: r.str()?,
+            },
+            USER_DELETED => DefEvent::UserDeleted { name: r.str()? },
+            PERMISSION_SET => DefEvent::PermissionSet {
+                vhost: r.str()?,
+                user: r.str()?,
+                configure: r.str()?,
+                write: r.str()?,
+                read: r.str()?,
+            },
+            PERMISSION_CLEARED => DefEvent::PermissionCleared {
+                vhost: r.str()?,
+                user: r.str()?,
+            },
             other => return Err(format!("unknown definition event kind {other}")),
         };
         if r.pos != b.len() {
@@ -329,9 +431,27 @@ mod tests {
                 vhost: "/".into(),
                 name: "orders".into(),
                 kind: ExchangeKind::Topic,
+                flavor: ExchangeFlavor::Plain,
                 auto_delete: true,
                 internal: false,
                 arguments: args.clone(),
+            },
+            DefEvent::ExchangeDeclared {
+                vhost: "/".into(),
+                name: "once".into(),
+                kind: ExchangeKind::Fanout,
+                flavor: ExchangeFlavor::Deduplicating(crate::dedup::DedupPolicy::new(
+                    Some(60_000),
+                    Some(10),
+                )),
+                auto_delete: false,
+                internal: false,
+                arguments: {
+                    let mut a = FieldTable::new();
+                    a.insert("x-cache-ttl".into(), FieldValue::I64(60_000));
+                    a.insert("x-cache-size".into(), FieldValue::I64(10));
+                    a
+                },
             },
             DefEvent::ExchangeDeleted {
                 vhost: "/".into(),
@@ -361,6 +481,29 @@ mod tests {
                 destination: Destination::Exchange(crate::ExchangeName::new("e2").unwrap()),
                 routing_key: "".into(),
                 arguments: FieldTable::new(),
+            },
+            DefEvent::AccessInitialised,
+            DefEvent::UserPut {
+                name: "bob".into(),
+                password_hash: Some("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
+                tags: "administrator,monitoring".into(),
+            },
+            DefEvent::UserPut {
+                name: "nopass".into(),
+                password_hash: None,
+                tags: "".into(),
+            },
+            DefEvent::UserDeleted { name: "bob".into() },
+            DefEvent::PermissionSet {
+                vhost: "/".into(),
+                user: "bob".into(),
+                configure: "^$".into(),
+                write: ".*".into(),
+                read: "".into(),
+            },
+            DefEvent::PermissionCleared {
+                vhost: "/".into(),
+                user: "bob".into(),
             },
         ];
         for ev in events {

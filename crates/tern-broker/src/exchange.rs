@@ -1,9 +1,15 @@
-//! Exchanges: their declared properties and their routing table.
+//! Exchanges: their declared properties, their routing table, and the
+//! plugin-style types that add behaviour before routing (delayed and
+//! deduplicating exchanges, super streams).
 
+use std::sync::Arc;
+
+use crate::dedup::{Dedup, DedupPolicy};
 use crate::error::BrokerError;
 use crate::name::{ExchangeName, VhostName};
 use crate::observe::ExchangeMetrics;
 use crate::routing::{ExchangeKind, RoutingTable};
+use crate::super_stream::SUPER_STREAM_EXCHANGE_TYPE;
 use crate::value::FieldTable;
 
 /// The exchanges every vhost has from its creation, as RabbitMQ's do.
@@ -16,6 +22,106 @@ pub(crate) const PREDECLARED: [(&str, ExchangeKind); 6] = [
     ("amq.match", ExchangeKind::Headers),
 ];
 
+/// The type name of RabbitMQ's delayed-message plugin's exchange.
+pub(crate) const DELAYED_EXCHANGE_TYPE: &str = "x-delayed-message";
+/// The type name of RabbitMQ's message-deduplication plugin's exchange.
+pub(crate) const DEDUP_EXCHANGE_TYPE: &str = "x-message-deduplication";
+
+/// What an exchange does before it routes, besides routing as its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExchangeFlavor {
+    /// Routes at once.
+    Plain,
+    /// `x-delayed-message`: a message with an `x-delay` header waits in the
+    /// delay store, then routes as the `x-delayed-type` kind.
+    Delayed,
+    /// `x-message-deduplication`: a message whose key was seen within the
+    /// window is confirmed but not routed; routes as fanout, like the plugin.
+    Deduplicating(DedupPolicy),
+    /// `x-super-stream`: routes as direct by the binding key of the
+    /// partition its key hashes to, out of this many (`super_stream.rs`).
+    SuperStream(u32),
+}
+
+impl ExchangeFlavor {
+    /// The type name it is declared and recorded with.
+    pub(crate) fn type_name(self, kind: ExchangeKind) -> &'static str {
+        match self {
+            ExchangeFlavor::Plain => kind.as_str(),
+            ExchangeFlavor::Delayed => DELAYED_EXCHANGE_TYPE,
+            ExchangeFlavor::Deduplicating(_) => DEDUP_EXCHANGE_TYPE,
+            ExchangeFlavor::SuperStream(_) => SUPER_STREAM_EXCHANGE_TYPE,
+        }
+    }
+}
+
+/// Parses a declared exchange type (and the arguments it depends on) into
+/// the kind it routes as and its flavor. Anything unknown is 503
+/// COMMAND_INVALID, as RabbitMQ answers an unknown type.
+pub(crate) fn exchange_type(
+    kind: &str,
+    arguments: &FieldTable,
+) -> Result<(ExchangeKind, ExchangeFlavor), BrokerError> {
+    match kind {
+        DELAYED_EXCHANGE_TYPE => {
+            let invalid = |reason: String| BrokerError::InvalidArgument {
+                argument: "x-delayed-type".into(),
+                reason,
+            };
+            match arguments.get("x-delayed-type") {
+                None => Err(invalid(
+                    "an x-delayed-message exchange needs it: direct, fanout, topic or headers"
+                        .into(),
+                )),
+                Some(v) => match v.as_str() {
+                    Some(s) => s
+                        .parse::<ExchangeKind>()
+                        .map(|k| (k, ExchangeFlavor::Delayed))
+                        .map_err(|e| invalid(format!("{e}; use direct, fanout, topic or headers"))),
+                    None => Err(invalid(format!(
+                        "expected a string, got a {}",
+                        v.type_name()
+                    ))),
+                },
+            }
+        }
+        DEDUP_EXCHANGE_TYPE => {
+            let policy = crate::policy::dedup_window(arguments)?;
+            if let Some(v) = arguments.get("x-cache-persistence") {
+                if !matches!(v.as_str(), Some("disk" | "memory")) {
+                    return Err(BrokerError::InvalidArgument {
+                        argument: "x-cache-persistence".into(),
+                        reason:
+                            "use \"disk\" or \"memory\" (Tern keeps the window on disk either way)"
+                                .into(),
+                    });
+                }
+            }
+            Ok((ExchangeKind::Fanout, ExchangeFlavor::Deduplicating(policy)))
+        }
+        SUPER_STREAM_EXCHANGE_TYPE => {
+            let partitions = crate::super_stream::partitions_from_arguments(arguments)?;
+            crate::super_stream::check_key_header(arguments)?;
+            Ok((
+                ExchangeKind::Direct,
+                ExchangeFlavor::SuperStream(partitions),
+            ))
+        }
+        other => other
+            .parse::<ExchangeKind>()
+            .map(|k| (k, ExchangeFlavor::Plain))
+            .map_err(|e| BrokerError::NotAllowed(e.to_string())),
+    }
+}
+
+/// Whether `kind` names an exchange type this broker declares.
+pub fn is_exchange_type(kind: &str) -> bool {
+    matches!(
+        kind,
+        DELAYED_EXCHANGE_TYPE | DEDUP_EXCHANGE_TYPE | SUPER_STREAM_EXCHANGE_TYPE
+    ) || kind.parse::<ExchangeKind>().is_ok()
+}
+
 /// An exchange in a vhost.
 #[derive(Debug, Clone)]
 pub(crate) struct Exchange {
@@ -24,6 +130,10 @@ pub(crate) struct Exchange {
     pub(crate) durable: bool,
     pub(crate) auto_delete: bool,
     pub(crate) internal: bool,
+    /// What it does before routing through `table`.
+    pub(crate) flavor: ExchangeFlavor,
+    /// A deduplicating exchange's window of keys seen, with its log.
+    pub(crate) dedup: Option<Arc<Dedup>>,
     pub(crate) arguments: FieldTable,
     pub(crate) table: RoutingTable,
     pub(crate) metrics: ExchangeMetrics,
@@ -46,9 +156,16 @@ impl Exchange {
             durable,
             auto_delete,
             internal,
+            flavor: ExchangeFlavor::Plain,
+            dedup: None,
             arguments,
             table: RoutingTable::new(kind),
         }
+    }
+
+    /// The type it was declared with, as clients name it.
+    pub(crate) fn type_name(&self) -> &'static str {
+        self.flavor.type_name(self.kind)
     }
 
     /// The exchange named by the `alternate-exchange` argument, if any.
@@ -62,7 +179,7 @@ impl Exchange {
     pub(crate) fn check_equivalent(
         &self,
         vhost: &VhostName,
-        kind: ExchangeKind,
+        (kind, flavor): (ExchangeKind, ExchangeFlavor),
         durable: bool,
         auto_delete: bool,
         internal: bool,
@@ -76,8 +193,20 @@ impl Exchange {
                 current,
                 received,
             };
-        if self.kind != kind {
-            return Err(differ("type", self.kind.to_string(), kind.to_string()));
+        // The dedup window's settings are arguments, compared below.
+        let same_flavor = std::mem::discriminant(&self.flavor) == std::mem::discriminant(&flavor);
+        if self.kind != kind || !same_flavor {
+            let show = |kind: ExchangeKind, flavor: ExchangeFlavor| match flavor {
+                ExchangeFlavor::Plain => kind.to_string(),
+                ExchangeFlavor::Delayed => format!("{DELAYED_EXCHANGE_TYPE} ({kind})"),
+                ExchangeFlavor::Deduplicating(_) => DEDUP_EXCHANGE_TYPE.to_string(),
+                ExchangeFlavor::SuperStream(_) => SUPER_STREAM_EXCHANGE_TYPE.to_string(),
+            };
+            return Err(differ(
+                "type",
+                show(self.kind, self.flavor),
+                show(kind, flavor),
+            ));
         }
         if self.durable != durable {
             return Err(differ(

@@ -1,4 +1,4 @@
-//! Validated names of vhosts, exchanges and queues.
+//! Validated names of vhosts, exchanges, queues and users.
 //!
 //! AMQP short strings carry at most 255 bytes of UTF-8; every name entering
 //! the broker is checked once here, so the rest of the engine can trust it.
@@ -70,6 +70,10 @@ name_type!(
 name_type!(
     /// An exchange's name. The empty name is the default exchange.
     ExchangeName, "exchange", allow_empty = true
+);
+name_type!(
+    /// A user's name, such as `guest`.
+    UserName, "user", allow_empty = false
 );
 name_type!(
     /// A queue's name. The empty name asks the server to choose one.

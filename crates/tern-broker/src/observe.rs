@@ -8,7 +8,7 @@
 //! and `queue` (or `exchange`), and `reason` for dead-lettered and dropped
 //! messages.
 
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge, Unit};
 
 use crate::dead_letter::Reason;
 
@@ -18,6 +18,76 @@ const REASONS: [Reason; 4] = [
     Reason::MaxLen,
     Reason::DeliveryLimit,
 ];
+
+/// Gives every metric its unit and help text, which exporters print (the
+/// Prometheus `# HELP` line). Called when the broker opens: a recorder
+/// installed later misses the descriptions, not the values.
+pub(crate) fn describe() {
+    let counters: [(&str, Unit, &str); 9] = [
+        (
+            "tern_queue_messages_published_total",
+            Unit::Count,
+            "Messages stored in the queue.",
+        ),
+        (
+            "tern_queue_published_bytes_total",
+            Unit::Bytes,
+            "Body bytes of the messages stored in the queue.",
+        ),
+        (
+            "tern_queue_messages_delivered_total",
+            Unit::Count,
+            "Deliveries from the queue, to consumers and to gets.",
+        ),
+        (
+            "tern_queue_messages_redelivered_total",
+            Unit::Count,
+            "Deliveries of messages delivered before.",
+        ),
+        (
+            "tern_queue_messages_acked_total",
+            Unit::Count,
+            "Messages acknowledged and removed from the queue.",
+        ),
+        (
+            "tern_queue_messages_dead_lettered_total",
+            Unit::Count,
+            "Messages that left the queue for its dead-letter exchange, by reason.",
+        ),
+        (
+            "tern_queue_messages_dropped_total",
+            Unit::Count,
+            "Messages that left the queue with no dead-letter exchange to go to, by reason.",
+        ),
+        (
+            "tern_exchange_messages_published_total",
+            Unit::Count,
+            "Messages published to the exchange.",
+        ),
+        (
+            "tern_exchange_messages_unroutable_total",
+            Unit::Count,
+            "Messages published to the exchange that reached no queue.",
+        ),
+    ];
+    for (name, unit, help) in counters {
+        describe_counter!(name, unit, help);
+    }
+    let gauges: [(&str, &str); 3] = [
+        (
+            "tern_queue_messages_ready",
+            "Messages ready for delivery in the queue.",
+        ),
+        (
+            "tern_queue_messages_unacked",
+            "Messages delivered from the queue and not yet acknowledged.",
+        ),
+        ("tern_queue_consumers", "Consumers attached to the queue."),
+    ];
+    for (name, help) in gauges {
+        describe_gauge!(name, Unit::Count, help);
+    }
+}
 
 /// The metric handles of one queue, registered once when the queue opens.
 #[derive(Debug, Clone)]

@@ -1,7 +1,8 @@
 //! A queue's optional behaviours, read from its declaration arguments with
-//! RabbitMQ's names and rules: message TTL, dead-lettering, length limits
-//! and the delivery limit.
+//! RabbitMQ's names and rules: message TTL, dead-lettering, length limits,
+//! the delivery limit, single active consumer and FIFO message groups.
 
+use crate::dedup::DedupPolicy;
 use crate::error::BrokerError;
 use crate::name::ExchangeName;
 use crate::value::FieldTable;
@@ -33,15 +34,43 @@ pub(crate) struct QueuePolicy {
     pub(crate) expires: Option<u64>,
     /// Deliver higher-priority messages first, priorities capped here (`x-max-priority`).
     pub(crate) max_priority: Option<u8>,
+    /// Only one consumer receives at a time (`x-single-active-consumer`).
+    pub(crate) single_active_consumer: bool,
+    /// Duplicates are confirmed but not enqueued (`x-message-deduplication`).
+    pub(crate) dedup: Option<DedupPolicy>,
+    /// FIFO message groups: the header naming a message's group
+    /// (`x-message-group-header`).
+    pub(crate) message_group_header: Option<String>,
+}
+
+/// The longest header name AMQP can carry (a short string).
+const MAX_HEADER_NAME: usize = 255;
+
+/// `x-message-group-header`: a non-empty header name. Priorities would
+/// reorder a group's messages, so the two are not combined.
+fn message_group_header(args: &FieldTable) -> Result<Option<String>, BrokerError> {
+    const ARG: &str = "x-message-group-header";
+    let Some(name) = string(args, ARG)? else {
+        return Ok(None);
+    };
+    if name.is_empty() || name.len() > MAX_HEADER_NAME {
+        return Err(invalid(
+            ARG,
+            format!("must be a header name of 1 to {MAX_HEADER_NAME} bytes"),
+        ));
+    }
+    if args.contains_key("x-max-priority") {
+        return Err(invalid(
+            ARG,
+            "cannot be combined with x-max-priority: priorities would reorder a group",
+        ));
+    }
+    Ok(Some(name.to_string()))
 }
 
 /// Arguments that RabbitMQ defines and this broker does not implement yet:
 /// refused rather than silently ignored.
-const NOT_YET: [&str; 3] = [
-    "x-single-active-consumer",
-    "x-queue-mode",
-    "x-queue-master-locator",
-];
+const NOT_YET: [&str; 2] = ["x-queue-mode", "x-queue-master-locator"];
 
 fn invalid(argument: &str, reason: impl Into<String>) -> BrokerError {
     BrokerError::InvalidArgument {
@@ -61,6 +90,17 @@ fn non_negative(args: &FieldTable, name: &str) -> Result<Option<u64>, BrokerErro
                 format!("expected an integer, got a {}", v.type_name()),
             )),
         },
+    }
+}
+
+fn boolean(args: &FieldTable, name: &str) -> Result<bool, BrokerError> {
+    match args.get(name) {
+        None => Ok(false),
+        Some(crate::value::FieldValue::Bool(b)) => Ok(*b),
+        Some(v) => Err(invalid(
+            name,
+            format!("expected a boolean, got a {}", v.type_name()),
+        )),
     }
 }
 
@@ -126,12 +166,30 @@ impl QueuePolicy {
                     ))
                 }
             },
+            single_active_consumer: boolean(args, "x-single-active-consumer")?,
+            message_group_header: message_group_header(args)?,
+            dedup: match boolean(args, "x-message-deduplication")? {
+                true => Some(dedup_window(args)?),
+                false => None,
+            },
             expires: match non_negative(args, "x-expires")? {
                 Some(0) => return Err(invalid("x-expires", "must be at least 1 millisecond")),
                 other => other,
             },
         })
     }
+}
+
+/// A deduplication window from `x-cache-ttl` and `x-cache-size`, the
+/// arguments a deduplicating queue and a deduplicating exchange share.
+pub(crate) fn dedup_window(args: &FieldTable) -> Result<DedupPolicy, BrokerError> {
+    Ok(DedupPolicy::new(
+        non_negative(args, "x-cache-ttl")?,
+        match non_negative(args, "x-cache-size")? {
+            Some(0) => return Err(invalid("x-cache-size", "must be at least 1")),
+            other => other,
+        },
+    ))
 }
 
 /// A per-message TTL from the `expiration` property: a non-negative
@@ -195,12 +253,25 @@ mod tests {
             QueuePolicy::from_arguments(&args(&[("x-max-priority", FieldValue::I32(0))])).is_err()
         );
         let err = QueuePolicy::from_arguments(&args(&[(
-            "x-single-active-consumer",
-            FieldValue::Bool(true),
+            "x-queue-mode",
+            FieldValue::String("lazy".into()),
         )]))
         .unwrap_err();
-
         assert!(matches!(err, BrokerError::NotImplemented(_)));
+        assert!(
+            QueuePolicy::from_arguments(&args(&[(
+                "x-single-active-consumer",
+                FieldValue::Bool(true)
+            )]))
+            .unwrap()
+            .single_active_consumer
+        );
+        let err = QueuePolicy::from_arguments(&args(&[(
+            "x-single-active-consumer",
+            FieldValue::String("yes".into()),
+        )]))
+        .unwrap_err();
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
         assert_eq!(parse_expiration("250").unwrap(), 250);
         assert!(parse_expiration("-5").is_err());
     }

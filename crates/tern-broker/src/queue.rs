@@ -17,17 +17,22 @@
 //! for an fsync, since losing one only means a redelivery, which
 //! at-least-once allows.
 
+mod groups;
+mod peek;
+pub(crate) mod stream;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tern_storage::{Log, Message as StoredRecord, Offset, Reader, Record, Timestamp};
+use tern_storage::{Appended, Log, Message as StoredRecord, Offset, Reader, Record, Timestamp};
 use tokio::sync::{mpsc, Notify};
 
 use crate::codec::{self, StoredMeta};
 use crate::dead_letter::{self, Reason};
+use crate::dedup::Dedup;
 use crate::error::BrokerError;
 use crate::message::Message;
 use crate::name::{QueueName, VhostName};
@@ -78,6 +83,9 @@ pub enum QueueType {
     /// A durable queue with RabbitMQ quorum-queue rules (never exclusive or
     /// auto-delete). On a single node it needs no replication.
     Quorum,
+    /// An append-only log read non-destructively, each consumer from its
+    /// own offset; trimmed only by retention.
+    Stream,
 }
 
 impl QueueType {
@@ -86,6 +94,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "classic",
             QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
         }
     }
 }
@@ -147,6 +156,9 @@ pub(crate) enum QueueEvent {
 pub(crate) struct QueuedDelivery {
     pub(crate) queue: Arc<Queue>,
     pub(crate) consumer_tag: String,
+    /// The consumer it went to, so a channel can tell which deliveries a
+    /// single-active-consumer queue took back.
+    pub(crate) consumer: ConsumerId,
     pub(crate) offset: Offset,
     pub(crate) redelivered: bool,
     pub(crate) delivery_count: u32,
@@ -189,6 +201,19 @@ pub(crate) struct ConsumerSpec {
     pub(crate) exclusive: bool,
     pub(crate) tx: mpsc::UnboundedSender<QueueEvent>,
     pub(crate) credit: Arc<ChannelCredit>,
+    /// The consumer's arguments (a stream reads `x-stream-offset` and
+    /// `x-stream-consumer-name` from them).
+    pub(crate) arguments: FieldTable,
+}
+
+/// What [`Queue::remove_consumer`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemovedConsumer {
+    /// The queue should now be auto-deleted.
+    pub(crate) auto_delete: bool,
+    /// The consumer's unacked messages went back to the queue (single
+    /// active consumer): its channel must forget their delivery tags.
+    pub(crate) revoked: bool,
 }
 
 /// One message fetched with `get`.
@@ -236,6 +261,9 @@ struct QueueState {
     /// taken from the scan and not yet settled.
     max_priority: Option<u8>,
     priorities: HashMap<u64, u8>,
+    /// For a queue with `x-message-group-header`: the ready messages the
+    /// scan reached, by group, and which groups have a message out.
+    groups: Option<groups::Groups>,
     /// For a queue with `x-max-length-bytes`: the body bytes of its ready
     /// messages, the sizes of those taken from ready and not yet settled,
     /// and a reader that counts committed messages in up to `accounted_to`.
@@ -246,8 +274,12 @@ struct QueueState {
     window: VecDeque<Record>,
     reader: Reader,
     random: Reader,
+    /// In registration order: under single active consumer the first one is
+    /// the active one.
     consumers: Vec<ConsumerSlot>,
     next_consumer: usize,
+    /// `x-single-active-consumer`: only `consumers[0]` receives.
+    single_active: bool,
     ever_consumed: bool,
     acks_since_checkpoint: u64,
 }
@@ -267,6 +299,8 @@ pub(crate) struct Queue {
     pub(crate) policy: QueuePolicy,
     sink: Option<DeadLetterSink>,
     expirer: Option<QueueExpirer>,
+    /// `x-message-deduplication`: the window of keys seen.
+    dedup: Option<Dedup>,
     /// When the queue was last used (milliseconds since the epoch): a
     /// consumer came or went, a `get`, or a redeclaration. Drives `x-expires`.
     last_used: AtomicU64,
@@ -274,6 +308,9 @@ pub(crate) struct Queue {
     log: Log,
     acks: Log,
     state: Mutex<QueueState>,
+    /// Set for a stream (`x-queue-type: stream`), which delivers from it
+    /// instead of the destructive state above.
+    stream: Option<stream::Stream>,
     pub(crate) wake: Notify,
     pub(crate) deleted: AtomicBool,
 }
@@ -292,6 +329,10 @@ pub(crate) struct QueueSettings {
     pub(crate) policy: QueuePolicy,
     pub(crate) sink: Option<DeadLetterSink>,
     pub(crate) expirer: Option<QueueExpirer>,
+    /// The log of its deduplication window, if it deduplicates.
+    pub(crate) dedup_log: Option<Log>,
+    /// Retention and segment size, for a stream.
+    pub(crate) stream: Option<crate::stream::StreamPolicy>,
 }
 
 fn storage(e: tern_storage::StorageError) -> BrokerError {
@@ -308,8 +349,13 @@ impl Queue {
         let mut floor = 0u64;
         let mut settled = BTreeSet::new();
         let mut delivered: HashMap<u64, u32> = HashMap::new();
+        let stream = match settings.stream {
+            Some(policy) => Some(stream::Stream::open(policy, &log, &acks)?),
+            None => None,
+        };
         let mut reader = acks.reader(acks.start()).map_err(storage)?;
-        loop {
+        // A stream's ack log holds commits, not settled offsets.
+        while stream.is_none() {
             let batch = reader.read(1024, 4 << 20).map_err(storage)?;
             if batch.is_empty() {
                 break;
@@ -328,6 +374,12 @@ impl Queue {
         let random = log.reader(Offset(floor)).map_err(storage)?;
         let metrics = QueueMetrics::new(settings.vhost.as_str(), settings.name.as_str());
         let max_priority = settings.policy.max_priority;
+        let single_active = settings.policy.single_active_consumer;
+        let groups = settings
+            .policy
+            .message_group_header
+            .clone()
+            .map(groups::Groups::new);
         let bytes = match settings.policy.max_length_bytes {
             Some(_) => Some(ByteAccount {
                 ready: 0,
@@ -337,7 +389,12 @@ impl Queue {
             }),
             None => None,
         };
+        let dedup = match (settings.dedup_log, settings.policy.dedup) {
+            (Some(log), Some(policy)) => Some(Dedup::open(log, policy)?),
+            _ => None,
+        };
         Ok(Arc::new(Queue {
+            dedup,
             vhost: settings.vhost,
             name: settings.name,
             id: settings.id,
@@ -360,6 +417,7 @@ impl Queue {
                 requeued: BTreeSet::new(),
                 max_priority,
                 priorities: HashMap::new(),
+                groups,
                 bytes,
                 delivered,
                 unacked: HashMap::new(),
@@ -368,9 +426,11 @@ impl Queue {
                 random,
                 consumers: Vec::new(),
                 next_consumer: 0,
+                single_active,
                 ever_consumed: false,
                 acks_since_checkpoint: 0,
             }),
+            stream,
             wake: Notify::new(),
             deleted: AtomicBool::new(false),
         }))
@@ -461,6 +521,16 @@ impl Queue {
         Some(rec.timestamp.0.saturating_add(ttl))
     }
 
+    /// Appends a published message, unless the queue deduplicates and has
+    /// seen its key within the window. The tickets resolve when it may be
+    /// confirmed.
+    pub(crate) fn append_published(&self, message: &Message) -> Result<Vec<Appended>, BrokerError> {
+        match &self.dedup {
+            Some(dedup) => Ok(dedup.admit(message, || Ok(vec![self.append(message)?]))?.0),
+            None => Ok(vec![self.append(message)?]),
+        }
+    }
+
     /// Appends a routed message. The returned ticket resolves when it is durable.
     pub(crate) fn append(&self, message: &Message) -> Result<tern_storage::Appended, BrokerError> {
         let mut meta = BytesMut::new();
@@ -523,21 +593,36 @@ impl Queue {
 
     /// Messages ready for delivery.
     pub(crate) fn message_count(&self) -> u64 {
+        if self.is_stream() {
+            // Nothing is consumed away: a stream holds everything retained.
+            return self.log.end().0.saturating_sub(self.log.start().0);
+        }
         let st = self.lock();
         st.ready(self.log.end().0)
     }
 
     /// Attached consumers.
     pub(crate) fn consumer_count(&self) -> usize {
+        if let Some(stream) = &self.stream {
+            return self.stream_consumer_count(stream);
+        }
         self.lock().consumers.len()
     }
 
     /// Messages delivered and not yet acknowledged.
     pub(crate) fn unacked_count(&self) -> usize {
+        if self.is_stream() {
+            // Deliveries are consumers' cursors, not messages held back
+            // from the stream: everything stays counted as ready.
+            return 0;
+        }
         self.lock().unacked.len()
     }
 
     pub(crate) fn add_consumer(self: &Arc<Self>, spec: ConsumerSpec) -> Result<(), BrokerError> {
+        if let Some(stream) = &self.stream {
+            return self.add_stream_consumer(stream, spec);
+        }
         let mut st = self.lock();
         if st.consumers.iter().any(|c| c.exclusive) || (spec.exclusive && !st.consumers.is_empty())
         {
@@ -565,22 +650,56 @@ impl Queue {
         Ok(())
     }
 
-    /// Detaches a consumer. Its unacked messages stay with its channel.
-    /// Returns whether the queue should now be auto-deleted.
-    pub(crate) fn remove_consumer(&self, id: ConsumerId) -> bool {
+    /// Detaches a consumer. Its unacked messages stay with its channel,
+    /// except under single active consumer: there they return to the queue
+    /// (in offset order, ahead of everything newer) before the next consumer
+    /// becomes active, so that no message is processed out of order; the
+    /// channel then forgets them ([`RemovedConsumer::revoked`]).
+    pub(crate) fn remove_consumer(self: &Arc<Self>, id: ConsumerId) -> RemovedConsumer {
+        if let Some(stream) = &self.stream {
+            self.remove_stream_consumers(stream, |c, _| c == id);
+            return RemovedConsumer {
+                auto_delete: false,
+                revoked: false,
+            };
+        }
         let mut st = self.lock();
         st.consumers.retain(|c| c.id != id);
+        let revoked = st.single_active;
+        if revoked {
+            let back: Vec<u64> = st
+                .unacked
+                .iter()
+                .filter(|(_, h)| h.consumer == Some(id))
+                .map(|(o, _)| *o)
+                .collect();
+            for o in back {
+                st.unacked.remove(&o);
+                st.requeue_one(o);
+            }
+        }
         // The x-expires clock starts when the last consumer goes; the task
         // must look again only once the consumer is gone.
         self.touch();
         self.wake.notify_one();
-        self.auto_delete && st.ever_consumed && st.consumers.is_empty()
+        let auto_delete = self.auto_delete && st.ever_consumed && st.consumers.is_empty();
+        drop(st);
+        if revoked {
+            self.pump();
+        }
+        RemovedConsumer {
+            auto_delete,
+            revoked,
+        }
     }
 
     /// Delivers ready messages to consumers with credit, until either runs out.
     pub(crate) fn pump(self: &Arc<Self>) {
         if self.deleted.load(Ordering::Acquire) {
             return;
+        }
+        if let Some(stream) = &self.stream {
+            return self.pump_stream(stream);
         }
         let dead = {
             let mut st = self.lock();
@@ -636,6 +755,7 @@ impl Queue {
             let delivery = QueuedDelivery {
                 queue: Arc::clone(self),
                 consumer_tag: tag,
+                consumer,
                 offset: rec.offset,
                 redelivered: count > 0,
                 delivery_count: count + meta.delivery_count,
@@ -767,6 +887,12 @@ impl Queue {
         channel: ChannelId,
         no_ack: bool,
     ) -> Result<Option<Fetched>, BrokerError> {
+        if self.is_stream() {
+            return Err(BrokerError::NotImplemented(format!(
+                "basic.get not supported by stream queues queue '{}' in vhost '{}'",
+                self.name, self.vhost
+            )));
+        }
         self.touch();
         let mut st = self.lock();
         let end = self.log.end().0;
@@ -903,6 +1029,12 @@ impl Queue {
 
     /// A channel closed: its consumers go, and its unacked messages return.
     pub(crate) fn release_channel(self: &Arc<Self>, channel: ChannelId) -> bool {
+        if let Some(stream) = &self.stream {
+            // Unacked deliveries simply lapse: a named consumer's commit
+            // stays below them, so it sees them again when it returns.
+            self.remove_stream_consumers(stream, |_, ch| ch == channel);
+            return false;
+        }
         let mut st = self.lock();
         st.consumers.retain(|c| c.channel != channel);
         self.touch();
@@ -931,6 +1063,9 @@ impl Queue {
         st.window.clear();
         st.requeued.clear();
         st.priorities.clear();
+        if let Some(groups) = st.groups.as_mut() {
+            groups.purge();
+        }
         if let Some(bytes) = st.bytes.as_mut() {
             bytes.ready = 0;
             bytes.accounted_to = end;
@@ -957,6 +1092,9 @@ impl Queue {
     /// Marks the queue deleted and tells its consumers.
     pub(crate) fn mark_deleted(&self) {
         self.deleted.store(true, Ordering::Release);
+        if let Some(stream) = &self.stream {
+            self.cancel_stream_consumers(stream);
+        }
         let mut st = self.lock();
         for c in st.consumers.drain(..) {
             let _ = c.tx.send(QueueEvent::Cancelled {
@@ -1041,13 +1179,21 @@ impl QueueState {
     }
 
     fn has_ready(&self, end: u64) -> bool {
-        !self.requeued.is_empty() || self.scan < end
+        !self.requeued.is_empty()
+            || self.scan < end
+            || self.groups.as_ref().is_some_and(|g| g.has_runnable())
     }
 
     /// The consumer to deliver to next: highest priority first, round-robin
     /// among equals, only those with credit. Takes a unit of channel credit.
+    /// Under single active consumer only the first registered one is a
+    /// candidate; the others wait until it goes.
     fn pick_consumer(&mut self) -> Option<usize> {
-        let n = self.consumers.len();
+        let n = if self.single_active {
+            self.consumers.len().min(1)
+        } else {
+            self.consumers.len()
+        };
         if n == 0 {
             return None;
         }
@@ -1139,6 +1285,13 @@ impl QueueState {
                 return Some(Err(e));
             }
         }
+        if self.groups.is_some() {
+            let o = self.reach_runnable(end)?;
+            return match o {
+                Ok(o) => self.read_at(o),
+                Err(e) => Some(Err(e)),
+            };
+        }
         if let Some(&(_, o)) = self.requeued.first() {
             return self.read_at(o);
         }
@@ -1200,10 +1353,70 @@ impl QueueState {
                 return Some(Err(e));
             }
         }
+        if self.groups.is_some() {
+            return self.next_grouped(end);
+        }
         if let Some((_, o)) = self.requeued.pop_first() {
             return self.read_at(o);
         }
         self.next_scanned(end)
+    }
+
+    /// The offset a grouped queue would deliver next, left in place: takes
+    /// in scanned messages until some group (or a message without one) may
+    /// deliver.
+    fn reach_runnable(&mut self, end: u64) -> Option<Result<u64, BrokerError>> {
+        loop {
+            if let Some(o) = self.groups.as_ref()?.first() {
+                return Some(Ok(o));
+            }
+            if let Err(e) = self.absorb_grouped(end)? {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// The next message of a grouped queue, its group now locked. Reads
+    /// the scan only as far as the first message that may deliver, so a
+    /// backlog is read once, as deliveries need it, never rescanned.
+    fn next_grouped(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
+        loop {
+            if let Some(o) = self.groups.as_mut()?.take() {
+                let rec = self.read_at(o);
+                if let Some(Err(_)) = &rec {
+                    // Not lost: it stays its group's next message.
+                    if let Some(groups) = self.groups.as_mut() {
+                        groups.put_back(o);
+                    }
+                }
+                return rec;
+            }
+            let rec = match self.absorb_grouped(end)? {
+                Ok(rec) => rec,
+                Err(e) => return Some(Err(e)),
+            };
+            let groups = self.groups.as_mut()?;
+            if groups.first() == Some(rec.offset.0) {
+                // Runnable at once (nothing else was): no need to read it again.
+                groups.take();
+                return Some(Ok(rec));
+            }
+        }
+    }
+
+    /// Moves one scanned message into its group.
+    fn absorb_grouped(&mut self, end: u64) -> Option<Result<Record, BrokerError>> {
+        let rec = match self.next_scanned(end)? {
+            Ok(rec) => rec,
+            Err(e) => return Some(Err(e)),
+        };
+        let groups = self.groups.as_mut()?;
+        // A record the codec cannot read has no group; delivery settles it.
+        let key = codec::decode_meta(&rec.headers)
+            .ok()
+            .and_then(|meta| groups.group_of(&meta));
+        groups.absorb(rec.offset.0, key);
+        Some(Ok(rec))
     }
 
     /// The next unsettled message at the scan position, through the read-ahead window.
@@ -1254,6 +1467,10 @@ impl QueueState {
                 bytes.ready += size;
             }
         }
+        if let Some(groups) = self.groups.as_mut() {
+            groups.put_back(o);
+            return;
+        }
         let priority = self.priorities.get(&o).copied().unwrap_or(0);
         self.requeued.insert((Reverse(priority), o));
     }
@@ -1286,6 +1503,9 @@ impl QueueState {
         }
         self.delivered.remove(&o);
         self.priorities.remove(&o);
+        if let Some(groups) = self.groups.as_mut() {
+            groups.settle(o);
+        }
         if o >= self.floor {
             self.settled.insert(o);
         }
@@ -1379,6 +1599,9 @@ async fn sleep_until_ms(at: Option<u64>) {
 /// Keeps delivering as messages arrive and expiring them when due, until the
 /// queue is deleted.
 pub(crate) async fn run(queue: Arc<Queue>) {
+    if queue.is_stream() {
+        return stream::run(queue).await;
+    }
     let Ok(mut tail) = queue.log().reader(queue.log().end()) else {
         return;
     };

@@ -347,7 +347,7 @@ async fn bad_requests_get_the_amqp_reply_code_they_map_to() {
 
     let mut ttl = QueueDeclare::new("ttl");
     ttl.arguments
-        .insert("x-single-active-consumer".into(), FieldValue::Bool(true));
+        .insert("x-queue-mode".into(), FieldValue::String("lazy".into()));
     assert_eq!(
         code(broker.declare_queue("/", ttl, owner).await.unwrap_err()),
         ReplyCode::NotImplemented
