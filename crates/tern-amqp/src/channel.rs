@@ -4,10 +4,12 @@
 //! publisher confirms in publish order once the broker has made each message
 //! durable.
 //!
-//! A broker error closes only this channel: the task drops its broker
-//! channel (so its unacked messages return to their queues), sends
-//! `channel.close` with the error's reply code, and then ignores everything
-//! but `channel.close` / `channel.close-ok`.
+//! A broker error with a soft reply code (403 to 406) closes only this
+//! channel: the task drops its broker channel (so its unacked messages return
+//! to their queues), sends `channel.close` with the error's reply code, and
+//! then ignores everything but `channel.close` / `channel.close-ok`. A hard
+//! code (such as 530 or 503) is handed to the connection, which closes the
+//! whole connection with it, as RabbitMQ does.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -15,18 +17,21 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use amq_protocol::protocol::{
-    basic, channel, confirm, exchange, queue, AMQPClass, BasicProperties,
+    basic, channel, confirm, exchange, queue, tx, AMQPClass, BasicProperties,
 };
 use bytes::Bytes;
 use tern_broker::{
-    Broker, BrokerError, ChannelEvent, ConnectionId, ConsumeOptions, DeliveryTag, ExchangeDeclare,
-    ExchangeName, Message, QueueDeclare,
+    Access, AuthUser, Broker, BrokerError, ChannelEvent, ConnectionId, ConsumeOptions, Delivery,
+    DeliveryTag, ExchangeDeclare, ExchangeKind, ExchangeName, Message, Published, QueueDeclare,
+    Resource,
 };
 use tokio::sync::mpsc;
 
 use crate::convert::{properties_from_wire, properties_to_wire, table_from_wire};
 use crate::error::{code, AmqpError, ProtocolError};
-use crate::frame::short;
+use crate::frame::{self, short};
+use crate::reply_to::{self, Reply, ReplyAddress, ReplyRegistry};
+use crate::transaction::{BufferedPublish, Settle, Transaction};
 use crate::writer::Outbox;
 
 /// What the connection hands a channel.
@@ -71,9 +76,22 @@ enum Next {
     Exit,
 }
 
+/// How many bytes of waiting deliveries a channel gathers into one writer item.
+const DELIVERY_BATCH_BYTES: usize = 64 * 1024;
+
+/// How many granted checks a channel remembers (RabbitMQ keeps 12).
+const GRANTED_CACHE: usize = 16;
+
+/// What permission checks take a server-named queue's name to be.
+const SERVER_NAMED_SAMPLE: &str = "amq.gen-0000000000000000";
+
 /// The state of one open channel, run by [`ChannelTask::run`].
 pub(crate) struct ChannelTask {
     id: u16,
+    user: AuthUser,
+    /// Granted permission checks, valid while the broker's access epoch
+    /// is the first field.
+    granted: (u64, Vec<(Resource, Access)>),
     broker: Broker,
     vhost: String,
     connection: ConnectionId,
@@ -83,20 +101,43 @@ pub(crate) struct ChannelTask {
     /// The next publish sequence number, once `confirm.select` was received.
     next_confirm: Option<u64>,
     confirms: VecDeque<PendingConfirm>,
+    /// Publishes made without confirm mode that may not be durable yet.
+    unconfirmed: VecDeque<Outcome>,
+    /// The buffered work, once `tx.select` was received.
+    transaction: Option<Transaction>,
+    replies: ReplyRegistry,
+    /// The direct reply-to consumer, once one consumes `amq.rabbitmq.reply-to`.
+    reply_consumer: Option<ReplyConsumer>,
     cancel_notify: bool,
     flow: bool,
     last_queue: Option<String>,
     closing: bool,
+    connection_errors: mpsc::UnboundedSender<ProtocolError>,
 }
 
 /// The settings a channel takes from its connection.
 #[derive(Debug, Clone)]
 pub(crate) struct ChannelSetup {
+    /// Who the connection logged in as: every method is checked against
+    /// their permissions.
+    pub(crate) user: AuthUser,
     pub(crate) broker: Broker,
     pub(crate) vhost: String,
     pub(crate) connection: ConnectionId,
     pub(crate) outbox: Outbox,
     pub(crate) cancel_notify: bool,
+    /// Where a connection-level error raised by a channel method goes.
+    pub(crate) connection_errors: mpsc::UnboundedSender<ProtocolError>,
+    /// The server's direct reply-to addresses.
+    pub(crate) replies: ReplyRegistry,
+}
+
+/// A channel's direct reply-to consumer: its tag, its address (removed when
+/// this is dropped) and the replies sent to it.
+struct ReplyConsumer {
+    tag: String,
+    address: ReplyAddress,
+    replies: mpsc::UnboundedReceiver<Reply>,
 }
 
 impl ChannelTask {
@@ -109,6 +150,8 @@ impl ChannelTask {
     ) -> ChannelTask {
         ChannelTask {
             id,
+            user: setup.user,
+            granted: (u64::MAX, Vec::new()),
             broker: setup.broker,
             vhost: setup.vhost,
             connection: setup.connection,
@@ -117,10 +160,15 @@ impl ChannelTask {
             commands,
             next_confirm: None,
             confirms: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
+            transaction: None,
+            replies: setup.replies,
+            reply_consumer: None,
             cancel_notify: setup.cancel_notify,
             flow: true,
             last_queue: None,
             closing: false,
+            connection_errors: setup.connection_errors,
         }
     }
 
@@ -134,11 +182,17 @@ impl ChannelTask {
                     None => return,
                 },
                 event = next_event(&mut self.channel), if flow => self.forward(event).await,
+                reply = next_reply(&mut self.reply_consumer), if flow => self.forward_reply(reply).await,
                 ok = front_outcome(&mut self.confirms) => self.confirm(ok).await,
             };
             match result {
                 Ok(Next::Continue) => {}
                 Ok(Next::Exit) | Err(Stop::Gone) => return,
+                Err(Stop::Fail(e)) if e.is_connection_error() => {
+                    // The connection closes every channel, this one included.
+                    let _ = self.connection_errors.send(e);
+                    return;
+                }
                 Err(Stop::Fail(e)) => {
                     if self.fail(e).await.is_err() {
                         return;
@@ -151,7 +205,11 @@ impl ChannelTask {
     /// Closes the channel from the server's side.
     async fn fail(&mut self, e: ProtocolError) -> Result<(), AmqpError> {
         self.channel = None;
+        self.reply_consumer = None;
         self.confirms.clear();
+        self.unconfirmed.clear();
+        // A closed channel's transaction is rolled back.
+        self.transaction = None;
         self.closing = true;
         self.outbox
             .method(
@@ -173,6 +231,31 @@ impl ChannelTask {
                 "channel is closed",
             ))
         })
+    }
+
+    /// RabbitMQ's permission check: 403 on this channel, naming the
+    /// resource, the vhost and the user, if the user may not. Granted
+    /// checks are remembered until users or permissions change, so a
+    /// publisher pays for the regex once, not per message.
+    fn allow(&mut self, resource: Resource, access: Access, ids: (u16, u16)) -> Result<(), Stop> {
+        let epoch = self.broker.access_epoch();
+        let (cached_epoch, granted) = &mut self.granted;
+        if *cached_epoch != epoch {
+            *cached_epoch = epoch;
+            granted.clear();
+        }
+        if granted.iter().any(|(r, a)| *a == access && *r == resource) {
+            return Ok(());
+        }
+        self.broker
+            .check_permission(&self.user, &self.vhost, &resource, access)
+            .map_err(|e| Stop::Fail(ProtocolError::for_method(code::ACCESS_REFUSED, e, ids)))?;
+        let (_, granted) = &mut self.granted;
+        if granted.len() >= GRANTED_CACHE {
+            granted.remove(0);
+        }
+        granted.push((resource, access));
+        Ok(())
     }
 
     async fn reply(&mut self, method: AMQPClass) -> Result<Next, Stop> {
@@ -198,6 +281,7 @@ impl ChannelTask {
         match command {
             ChannelCommand::Method(AMQPClass::Channel(channel::AMQPMethod::Close(_))) => {
                 self.channel = None;
+                self.reply_consumer = None;
                 self.outbox
                     .method(
                         self.id,
@@ -240,6 +324,20 @@ impl ChannelTask {
             }
             AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => Ok(Next::Continue),
             AMQPClass::Exchange(exchange::AMQPMethod::Declare(d)) => {
+                if !d.passive && !tern_broker::is_exchange_type(d.kind.as_str()) {
+                    return Err(Stop::Fail(ProtocolError::for_method(
+                        code::COMMAND_INVALID,
+                        format!("unknown exchange type '{}'", d.kind),
+                        ids,
+                    )));
+                }
+                if !d.passive {
+                    self.allow(
+                        Resource::exchange(d.exchange.as_str()),
+                        Access::Configure,
+                        ids,
+                    )?;
+                }
                 let declare = ExchangeDeclare {
                     name: d.exchange.as_str().to_string(),
                     kind: d.kind.as_str().to_string(),
@@ -260,6 +358,11 @@ impl ChannelTask {
                 .await
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Delete(d)) => {
+                self.allow(
+                    Resource::exchange(d.exchange.as_str()),
+                    Access::Configure,
+                    ids,
+                )?;
                 match self
                     .broker
                     .delete_exchange(&vhost, d.exchange.as_str(), d.if_unused)
@@ -275,6 +378,12 @@ impl ChannelTask {
                 .await
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Bind(b)) => {
+                self.allow(
+                    Resource::exchange(b.destination.as_str()),
+                    Access::Write,
+                    ids,
+                )?;
+                self.allow(Resource::exchange(b.source.as_str()), Access::Read, ids)?;
                 self.broker
                     .bind_exchange(
                         &vhost,
@@ -292,6 +401,12 @@ impl ChannelTask {
                 .await
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Unbind(b)) => {
+                self.allow(
+                    Resource::exchange(b.destination.as_str()),
+                    Access::Write,
+                    ids,
+                )?;
+                self.allow(Resource::exchange(b.source.as_str()), Access::Read, ids)?;
                 self.broker
                     .unbind_exchange(
                         &vhost,
@@ -308,7 +423,43 @@ impl ChannelTask {
                 )
                 .await
             }
+            AMQPClass::Queue(queue::AMQPMethod::Declare(d))
+                if d.passive
+                    && (d.queue.as_str() == reply_to::PSEUDO_QUEUE
+                        || reply_to::is_address(d.queue.as_str())) =>
+            {
+                // The pseudo queue always "exists"; an address while its channel consumes.
+                let name = d.queue.as_str();
+                if name != reply_to::PSEUDO_QUEUE && !self.replies.contains(name) {
+                    return Err(Stop::Fail(ProtocolError::for_method(
+                        code::NOT_FOUND,
+                        format!("no queue '{name}' in vhost '{vhost}'"),
+                        ids,
+                    )));
+                }
+                self.reply_unless(
+                    d.nowait,
+                    AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                        queue: d.queue,
+                        message_count: 0,
+                        consumer_count: 0,
+                    })),
+                )
+                .await
+            }
             AMQPClass::Queue(queue::AMQPMethod::Declare(d)) => {
+                if !d.passive {
+                    // RabbitMQ checks a server-named queue under its generated
+                    // name; the broker chooses it inside the declare, so the
+                    // check uses one of the same shape (`amq.gen-` and 16 hex
+                    // digits): only the prefix can sensibly decide.
+                    let name = match d.queue.as_str() {
+                        "" => SERVER_NAMED_SAMPLE,
+                        name => name,
+                    };
+                    self.allow(Resource::queue(name), Access::Configure, ids)?;
+                }
+                self.own_publishes_visible().await?;
                 let declare = QueueDeclare {
                     name: d.queue.as_str().to_string(),
                     durable: d.durable,
@@ -335,6 +486,8 @@ impl ChannelTask {
             }
             AMQPClass::Queue(queue::AMQPMethod::Bind(b)) => {
                 let name = self.queue_name(b.queue.as_str(), ids)?;
+                self.allow(Resource::queue(&name), Access::Write, ids)?;
+                self.allow(Resource::exchange(b.exchange.as_str()), Access::Read, ids)?;
                 self.broker
                     .bind_queue(
                         &vhost,
@@ -354,6 +507,8 @@ impl ChannelTask {
             }
             AMQPClass::Queue(queue::AMQPMethod::Unbind(b)) => {
                 let name = self.queue_name(b.queue.as_str(), ids)?;
+                self.allow(Resource::queue(&name), Access::Write, ids)?;
+                self.allow(Resource::exchange(b.exchange.as_str()), Access::Read, ids)?;
                 self.broker
                     .unbind_queue(
                         &vhost,
@@ -372,6 +527,9 @@ impl ChannelTask {
             }
             AMQPClass::Queue(queue::AMQPMethod::Purge(p)) => {
                 let name = self.queue_name(p.queue.as_str(), ids)?;
+                // Purge is a read in RabbitMQ.
+                self.allow(Resource::queue(&name), Access::Read, ids)?;
+                self.own_publishes_visible().await?;
                 let count = self
                     .broker
                     .purge_queue(&vhost, &name, self.connection)
@@ -386,6 +544,8 @@ impl ChannelTask {
             }
             AMQPClass::Queue(queue::AMQPMethod::Delete(d)) => {
                 let name = self.queue_name(d.queue.as_str(), ids)?;
+                self.allow(Resource::queue(&name), Access::Configure, ids)?;
+                self.own_publishes_visible().await?;
                 let count = match self
                     .broker
                     .delete_queue(&vhost, &name, d.if_unused, d.if_empty, self.connection)
@@ -408,8 +568,36 @@ impl ChannelTask {
                 self.reply(AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})))
                     .await
             }
+            AMQPClass::Basic(basic::AMQPMethod::Consume(c))
+                if c.queue.as_str() == reply_to::PSEUDO_QUEUE =>
+            {
+                if !c.no_ack {
+                    return Err(precondition("reply consumer cannot acknowledge", ids));
+                }
+                if self.reply_consumer.is_some() {
+                    return Err(precondition("reply consumer already set", ids));
+                }
+                let tag = match c.consumer_tag.as_str() {
+                    "" => reply_to::consumer_tag(),
+                    tag => tag.to_string(),
+                };
+                let (address, replies) = self.replies.register();
+                self.reply_consumer = Some(ReplyConsumer {
+                    tag: tag.clone(),
+                    address,
+                    replies,
+                });
+                self.reply_unless(
+                    c.nowait,
+                    AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: short(&tag),
+                    })),
+                )
+                .await
+            }
             AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => {
                 let name = self.queue_name(c.queue.as_str(), ids)?;
+                self.allow(Resource::queue(&name), Access::Read, ids)?;
                 let arguments = table_from_wire(&c.arguments);
                 let priority = match arguments.get("x-priority") {
                     None => 0,
@@ -429,6 +617,7 @@ impl ChannelTask {
                     no_ack: c.no_ack,
                     exclusive: c.exclusive,
                     priority,
+                    arguments,
                 };
                 let tag = self
                     .broker_channel()?
@@ -443,7 +632,11 @@ impl ChannelTask {
                 .await
             }
             AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => {
-                self.broker_channel()?.cancel(c.consumer_tag.as_str());
+                if matches!(&self.reply_consumer, Some(r) if r.tag == c.consumer_tag.as_str()) {
+                    self.reply_consumer = None;
+                } else {
+                    self.broker_channel()?.cancel(c.consumer_tag.as_str());
+                }
                 self.reply_unless(
                     c.nowait,
                     AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
@@ -454,6 +647,8 @@ impl ChannelTask {
             }
             AMQPClass::Basic(basic::AMQPMethod::Get(g)) => {
                 let name = self.queue_name(g.queue.as_str(), ids)?;
+                self.allow(Resource::queue(&name), Access::Read, ids)?;
+                self.own_publishes_visible().await?;
                 let got = self.broker_channel()?.get(&name, g.no_ack).map_err(fail)?;
                 match got {
                     None => {
@@ -483,35 +678,37 @@ impl ChannelTask {
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
-                self.broker_channel()?
-                    .ack(DeliveryTag(a.delivery_tag), a.multiple)
+                self.settle(DeliveryTag(a.delivery_tag), a.multiple, Settle::Ack)
                     .map_err(fail)?;
                 Ok(Next::Continue)
             }
             AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => {
-                self.broker_channel()?
-                    .nack(DeliveryTag(n.delivery_tag), n.multiple, n.requeue)
+                let how = Settle::Reject { requeue: n.requeue };
+                self.settle(DeliveryTag(n.delivery_tag), n.multiple, how)
                     .map_err(fail)?;
                 Ok(Next::Continue)
             }
             AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
-                self.broker_channel()?
-                    .reject(DeliveryTag(r.delivery_tag), r.requeue)
+                let how = Settle::Reject { requeue: r.requeue };
+                self.settle(DeliveryTag(r.delivery_tag), false, how)
                     .map_err(fail)?;
                 Ok(Next::Continue)
             }
             AMQPClass::Basic(basic::AMQPMethod::Recover(_)) => {
-                self.broker_channel()?.recover();
+                self.recover().map_err(fail)?;
                 self.reply(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(
                     basic::RecoverOk {},
                 )))
                 .await
             }
             AMQPClass::Basic(basic::AMQPMethod::RecoverAsync(_)) => {
-                self.broker_channel()?.recover();
+                self.recover().map_err(fail)?;
                 Ok(Next::Continue)
             }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if self.transaction.is_some() {
+                    return Err(precondition("cannot switch from tx to confirm mode", ids));
+                }
                 if self.next_confirm.is_none() {
                     self.next_confirm = Some(1);
                 }
@@ -520,6 +717,27 @@ impl ChannelTask {
                     AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
                 )
                 .await
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Select(_)) => {
+                if self.next_confirm.is_some() {
+                    return Err(precondition("cannot switch from confirm to tx mode", ids));
+                }
+                self.transaction.get_or_insert_with(Transaction::default);
+                self.reply(AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})))
+                    .await
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Commit(_)) => {
+                self.commit(ids).await?;
+                self.reply(AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})))
+                    .await
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Rollback(_)) => {
+                self.transaction
+                    .as_mut()
+                    .ok_or_else(|| precondition("channel is not transactional", ids))?
+                    .rollback();
+                self.reply(AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})))
+                    .await
             }
             // The connection forwards only the methods above.
             other => Err(Stop::Fail(ProtocolError::for_method(
@@ -544,6 +762,125 @@ impl ChannelTask {
         body: Bytes,
     ) -> Result<Next, Stop> {
         let ids = (60, 40);
+        self.allow(
+            Resource::exchange(method.exchange.as_str()),
+            Access::Write,
+            ids,
+        )?;
+        // As RabbitMQ: a message may not claim to be from someone else.
+        if let Some(claimed) = properties.user_id() {
+            if claimed.as_str() != self.user.name().as_str() {
+                return Err(precondition(
+                    &format!(
+                        "user_id property set to '{claimed}' but authenticated user was '{}'",
+                        self.user.name()
+                    ),
+                    ids,
+                ));
+            }
+        }
+        let properties = self.rewrite_reply_to(properties, ids)?;
+        if self.transaction.is_some() {
+            // As RabbitMQ does, a missing exchange fails the publish itself,
+            // not the commit.
+            let exchange = method.exchange.as_str();
+            if !exchange.is_empty() {
+                let check = ExchangeDeclare {
+                    passive: true,
+                    ..ExchangeDeclare::new(exchange, ExchangeKind::Direct)
+                };
+                self.broker
+                    .declare_exchange(&self.vhost, check)
+                    .await
+                    .map_err(|e| Stop::Fail(ProtocolError::from_broker(&e, ids)))?;
+            }
+            if let Some(tx) = self.transaction.as_mut() {
+                tx.publish(BufferedPublish {
+                    method,
+                    properties,
+                    body,
+                });
+            }
+            return Ok(Next::Continue);
+        }
+        let published = self.route(method, properties, body).await?;
+        if let Some(tag) = self.next_confirm {
+            self.next_confirm = Some(tag + 1);
+            let outcome: Outcome = match published {
+                Some(published) => Box::pin(async move { published.confirmed().await.is_ok() }),
+                // A direct reply is stored nowhere: nothing to wait for.
+                None => Box::pin(std::future::ready(true)),
+            };
+            self.confirms.push_back(PendingConfirm { tag, outcome });
+        } else if let Some(published) = published {
+            // Nobody waits for a confirm, but a later look at the queues on
+            // this channel must see the message.
+            self.unconfirmed
+                .push_back(Box::pin(async move { published.confirmed().await.is_ok() }));
+            prune_resolved(&mut self.unconfirmed);
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Waits until every message this channel published is in its queues:
+    /// queues show only durable messages, but RabbitMQ's channels read
+    /// their own writes, so a `basic.get`, a queue's message count, a purge
+    /// or an `if-empty` delete after a publish on the same channel must
+    /// see it. In confirm mode this sends the confirms as they resolve.
+    async fn own_publishes_visible(&mut self) -> Result<(), Stop> {
+        while let Some(outcome) = self.unconfirmed.pop_front() {
+            outcome.await;
+        }
+        while !self.confirms.is_empty() {
+            let ok = front_outcome(&mut self.confirms).await;
+            self.confirm(ok).await?;
+        }
+        Ok(())
+    }
+
+    /// A request asking for direct reply-to (`reply_to` is the pseudo
+    /// queue) gets the channel's reply address instead, if it has one.
+    fn rewrite_reply_to(
+        &self,
+        properties: BasicProperties,
+        ids: (u16, u16),
+    ) -> Result<BasicProperties, Stop> {
+        if !matches!(properties.reply_to(), Some(r) if r.as_str() == reply_to::PSEUDO_QUEUE) {
+            return Ok(properties);
+        }
+        match &self.reply_consumer {
+            Some(consumer) => Ok(properties.with_reply_to(short(consumer.address.as_str()))),
+            None => Err(precondition("fast reply consumer does not exist", ids)),
+        }
+    }
+
+    /// Routes and stores one message (`None`: a direct reply, handed to
+    /// its channel, or dropped if that is gone); a `mandatory` one routed
+    /// nowhere is returned at once (before its confirm or its commit-ok).
+    async fn route(
+        &mut self,
+        method: basic::Publish,
+        properties: BasicProperties,
+        body: Bytes,
+    ) -> Result<Option<Published>, Stop> {
+        let ids = (60, 40);
+        if method.exchange.as_str().is_empty() && reply_to::is_address(method.routing_key.as_str())
+        {
+            let reply = Reply {
+                routing_key: method.routing_key.as_str().to_string(),
+                properties,
+                body,
+            };
+            let returned = method
+                .mandatory
+                .then(|| (reply.properties.clone(), reply.body.clone()));
+            if !self.replies.deliver(reply) {
+                if let Some((properties, body)) = returned {
+                    self.send_return(method, properties, &body).await?;
+                }
+            }
+            return Ok(None);
+        }
         let fail = |e: BrokerError| Stop::Fail(ProtocolError::from_broker(&e, ids));
         let exchange =
             ExchangeName::new(method.exchange.as_str()).map_err(|e| fail(BrokerError::from(e)))?;
@@ -553,28 +890,95 @@ impl ChannelTask {
             properties: properties_from_wire(&properties),
             body,
         };
-        let returned = method.mandatory.then(|| message.clone());
+        let returned = method.mandatory.then(|| message.body.clone());
         let published = self.broker.publish(&self.vhost, message).map_err(fail)?;
-        if let (Some(message), 0) = (returned, published.routed) {
-            let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                reply_code: code::NO_ROUTE,
-                reply_text: short("NO_ROUTE"),
-                exchange: method.exchange,
-                routing_key: method.routing_key,
-            }));
-            self.outbox
-                .content(self.id, ret, properties, &message.body)
-                .await?;
+        if let (Some(body), 0) = (returned, published.routed) {
+            self.send_return(method, properties, &body).await?;
         }
-        if let Some(tag) = self.next_confirm {
-            self.next_confirm = Some(tag + 1);
-            let outcome: Outcome = Box::pin(async move { published.confirmed().await.is_ok() });
-            self.confirms.push_back(PendingConfirm { tag, outcome });
-        } else {
-            // Without confirms nobody waits; the message is stored all the same.
-            drop(published);
+        Ok(Some(published))
+    }
+
+    /// Sends an unroutable `mandatory` message back (312 NO_ROUTE).
+    async fn send_return(
+        &mut self,
+        method: basic::Publish,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), Stop> {
+        let ret = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+            reply_code: code::NO_ROUTE,
+            reply_text: short("NO_ROUTE"),
+            exchange: method.exchange,
+            routing_key: method.routing_key,
+        }));
+        self.outbox.content(self.id, ret, properties, body).await?;
+        Ok(())
+    }
+
+    /// Settles deliveries, or in a transaction checks and buffers the settlement.
+    fn settle(&mut self, tag: DeliveryTag, multiple: bool, how: Settle) -> Result<(), BrokerError> {
+        let Some(channel) = self.channel.as_mut() else {
+            return Err(BrokerError::PreconditionFailed("channel is closed".into()));
+        };
+        match (self.transaction.as_mut(), how) {
+            (Some(tx), how) => tx.settle(tag, multiple, channel.unacked_tags(tag, multiple)?, how),
+            (None, Settle::Ack) => channel.ack(tag, multiple),
+            (None, Settle::Reject { requeue }) => channel.nack(tag, multiple, requeue),
         }
-        Ok(Next::Continue)
+    }
+
+    /// `basic.recover`: every unacked delivery back to its queue, except,
+    /// in a transaction, those the transaction already settles (as in
+    /// RabbitMQ, they are no longer unacked for the channel).
+    fn recover(&mut self) -> Result<(), BrokerError> {
+        let Some(channel) = self.channel.as_mut() else {
+            return Err(BrokerError::PreconditionFailed("channel is closed".into()));
+        };
+        match &self.transaction {
+            None => channel.recover(),
+            Some(tx) => {
+                for tag in channel.unacked_tags(DeliveryTag(0), true)? {
+                    if !tx.settles(tag) {
+                        channel.nack(tag, false, true)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `tx.commit`: publishes, then settlements, in the order received; the
+    /// caller answers commit-ok only once every published message is
+    /// durable in every queue it reached.
+    async fn commit(&mut self, ids: (u16, u16)) -> Result<(), Stop> {
+        let (publishes, settlements) = self
+            .transaction
+            .as_mut()
+            .ok_or_else(|| precondition("channel is not transactional", ids))?
+            .take();
+        let mut stored = Vec::with_capacity(publishes.len());
+        for p in publishes {
+            stored.push(self.route(p.method, p.properties, p.body).await?);
+        }
+        let fail = |e: BrokerError| Stop::Fail(ProtocolError::from_broker(&e, ids));
+        let channel = self.broker_channel()?;
+        for settlement in settlements {
+            for tag in settlement.tags {
+                match settlement.how {
+                    Settle::Ack => channel.ack(tag, false),
+                    Settle::Reject { requeue } => channel.nack(tag, false, requeue),
+                }
+                .map_err(fail)?;
+            }
+        }
+        for published in stored.into_iter().flatten() {
+            // A full queue that refused a message (reject-publish) has nothing
+            // to make durable; a transaction has no nack to tell it with.
+            if !published.rejected {
+                published.confirmed().await.map_err(fail)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends confirms: the front one that just resolved, then every
@@ -639,36 +1043,99 @@ impl ChannelTask {
         Ok(())
     }
 
+    /// Delivers a direct reply to the reply consumer (no-ack: nothing to settle).
+    async fn forward_reply(&mut self, reply: Reply) -> Result<Next, Stop> {
+        let Some(consumer_tag) = self.reply_consumer.as_ref().map(|c| short(&c.tag)) else {
+            return Ok(Next::Continue);
+        };
+        let tag = self.broker_channel()?.next_delivery_tag();
+        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag,
+            delivery_tag: tag.0,
+            redelivered: false,
+            exchange: short(""),
+            routing_key: short(&reply.routing_key),
+        }));
+        self.outbox
+            .content(self.id, method, reply.properties, &reply.body)
+            .await?;
+        Ok(Next::Continue)
+    }
+
     async fn forward(&mut self, event: ChannelEvent) -> Result<Next, Stop> {
         match event {
             ChannelEvent::Delivery(d) => {
-                let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                    consumer_tag: short(&d.consumer_tag),
-                    delivery_tag: d.tag.0,
-                    redelivered: d.redelivered,
-                    exchange: short(d.message.exchange.as_str()),
-                    routing_key: short(&d.message.routing_key),
-                }));
-                self.outbox
-                    .content(
-                        self.id,
-                        method,
-                        properties_to_wire(&d.message.properties),
-                        &d.message.body,
-                    )
-                    .await?;
-            }
-            ChannelEvent::Cancelled { consumer_tag } => {
-                if self.cancel_notify {
-                    self.reply(AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
-                        consumer_tag: short(&consumer_tag),
-                        nowait: true,
-                    })))
-                    .await?;
+                // Every delivery already waiting goes out with this one as
+                // one writer item: one queue hand-off and one wake-up of the
+                // writer per batch rather than per message.
+                let mut frames = Vec::new();
+                self.encode_delivery(&mut frames, &d)?;
+                let mut cancelled = None;
+                while frames.len() < DELIVERY_BATCH_BYTES {
+                    let Some(event) = self.channel.as_mut().and_then(|c| c.try_recv()) else {
+                        break;
+                    };
+                    match event {
+                        ChannelEvent::Delivery(d) => self.encode_delivery(&mut frames, &d)?,
+                        ChannelEvent::Cancelled { consumer_tag } => {
+                            cancelled = Some(consumer_tag);
+                            break;
+                        }
+                    }
+                }
+                self.outbox.send(frames).await?;
+                if let Some(consumer_tag) = cancelled {
+                    self.notify_cancel(&consumer_tag).await?;
                 }
             }
+            ChannelEvent::Cancelled { consumer_tag } => self.notify_cancel(&consumer_tag).await?,
         }
         Ok(Next::Continue)
+    }
+
+    /// Tells the client that the broker cancelled one of its consumers, if
+    /// it said it understands `basic.cancel` from the server.
+    async fn notify_cancel(&mut self, consumer_tag: &str) -> Result<(), Stop> {
+        if self.cancel_notify {
+            self.reply(AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                consumer_tag: short(consumer_tag),
+                nowait: true,
+            })))
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Appends one delivery's frames (method, header, body cut to frame-max).
+    fn encode_delivery(&self, out: &mut Vec<u8>, d: &Delivery) -> Result<(), Stop> {
+        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: short(&d.consumer_tag),
+            delivery_tag: d.tag.0,
+            redelivered: d.redelivered,
+            exchange: short(d.message.exchange.as_str()),
+            routing_key: short(&d.message.routing_key),
+        }));
+        frame::content_into(
+            out,
+            self.id,
+            method,
+            properties_to_wire(&d.message.properties),
+            &d.message.body,
+            self.outbox.frame_max(),
+        )?;
+        Ok(())
+    }
+}
+
+/// The next direct reply; never resolves without a reply consumer.
+async fn next_reply(consumer: &mut Option<ReplyConsumer>) -> Reply {
+    match consumer {
+        Some(c) => match c.replies.recv().await {
+            Some(reply) => reply,
+            // The registry holds the sender as long as the address lives.
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -683,6 +1150,20 @@ async fn next_event(channel: &mut Option<tern_broker::Channel>) -> ChannelEvent 
     }
 }
 
+/// Drops the oldest outcomes that have resolved, so that a channel
+/// publishing without confirms holds only those still in flight.
+fn prune_resolved(outcomes: &mut VecDeque<Outcome>) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while let Some(front) = outcomes.front_mut() {
+        match front.as_mut().poll(&mut cx) {
+            Poll::Ready(_) => {
+                outcomes.pop_front();
+            }
+            Poll::Pending => break,
+        }
+    }
+}
+
 /// Resolves with the oldest pending confirm's outcome (without removing it).
 async fn front_outcome(confirms: &mut VecDeque<PendingConfirm>) -> bool {
     std::future::poll_fn(|cx| match confirms.front_mut() {
@@ -690,6 +1171,14 @@ async fn front_outcome(confirms: &mut VecDeque<PendingConfirm>) -> bool {
         None => Poll::Pending,
     })
     .await
+}
+
+fn precondition(text: &str, ids: (u16, u16)) -> Stop {
+    Stop::Fail(ProtocolError::for_method(
+        code::PRECONDITION_FAILED,
+        text,
+        ids,
+    ))
 }
 
 fn saturate(n: u64) -> u32 {

@@ -1,5 +1,5 @@
 //! One client connection: the protocol header, the handshake (start, PLAIN
-//! authentication, tune, open), heartbeat checks, the channel table, content
+//! or AMQPLAIN authentication against the broker's users, tune, open), heartbeat checks, the channel table, content
 //! assembly of `basic.publish`, connection-level errors, and the close
 //! handshake in both directions.
 //!
@@ -10,23 +10,25 @@
 //! that the connection's exclusive queues go.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{basic, channel, connection, AMQPClass, BasicProperties};
 use amq_protocol::types::{AMQPValue, FieldTable as WireTable, LongString};
 use bytes::{Bytes, BytesMut};
-use tern_broker::{Broker, ConnectionId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::TcpStream;
+use tern_broker::{AuthUser, Broker, ConnectionHandle, ConnectionId, ConnectionMeta};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::auth;
 use crate::channel::{ChannelCommand, ChannelSetup, ChannelTask};
 use crate::error::{code, AmqpError, ProtocolError};
+use crate::flow::Blocking;
 use crate::frame::{self, short, BASIC_CLASS, PROTOCOL_HEADER};
+use crate::reply_to::ReplyRegistry;
 use crate::writer::Outbox;
 
 /// The most channels a connection may open (channel-max).
@@ -40,9 +42,13 @@ pub(crate) const HEARTBEAT: u16 = 60;
 /// The largest message body accepted.
 const MAX_BODY: u64 = 128 << 20;
 /// How long the client has to send its protocol header and each handshake step.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing side waits for the other's close-ok.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much room the read buffer gets when it runs low.
+const READ_CHUNK: usize = 64 * 1024;
+/// Below this much room, the read buffer is given [`READ_CHUNK`] more.
+const READ_SPARE_MIN: usize = 16 * 1024;
 /// How many commands queue up for a channel before the reader waits.
 const CHANNEL_QUEUE: usize = 64;
 
@@ -88,12 +94,33 @@ struct Connection {
     cancel_notify: bool,
     channels: HashMap<u16, Slot>,
     tasks: JoinSet<()>,
+    /// Connection-level errors raised inside channel tasks.
+    channel_errors: mpsc::UnboundedSender<ProtocolError>,
+    replies: ReplyRegistry,
+    /// The socket's two ends, for the broker's connection registry.
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    /// The broker's listing of this connection, once it is open; through it
+    /// an operator may ask for the connection to be closed.
+    registration: Option<ConnectionHandle>,
+    /// Who logged in, once `start-ok` was accepted.
+    user: Option<AuthUser>,
+    /// Whether resource alarms block this connection (`flow.rs`).
+    blocking: Blocking,
 }
 
-/// Serves one accepted socket until the connection ends.
-pub(crate) async fn serve(stream: TcpStream, broker: Broker, shutdown: watch::Receiver<bool>) {
-    let _ = stream.set_nodelay(true);
-    let (mut read, mut write) = stream.into_split();
+/// Serves one accepted stream (TCP, or TLS over TCP: `addrs` are the
+/// socket's peer and local addresses) until the connection ends.
+pub(crate) async fn serve<R, W>(
+    mut read: R,
+    mut write: W,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    broker: Broker,
+    replies: ReplyRegistry,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut buf = BytesMut::with_capacity(8192);
     // A socket that has not sent its protocol header yet is simply dropped at
     // shutdown, rather than holding the shutdown up until its handshake times out.
@@ -113,6 +140,7 @@ pub(crate) async fn serve(stream: TcpStream, broker: Broker, shutdown: watch::Re
     }
     let (outbox, writer) = Outbox::start(write);
     let id = broker.new_connection_id();
+    let (channel_errors, escalated) = mpsc::unbounded_channel();
     let mut conn = Connection {
         broker: broker.clone(),
         id,
@@ -125,8 +153,14 @@ pub(crate) async fn serve(stream: TcpStream, broker: Broker, shutdown: watch::Re
         cancel_notify: false,
         channels: HashMap::new(),
         tasks: JoinSet::new(),
+        channel_errors,
+        replies,
+        addrs,
+        registration: None,
+        user: None,
+        blocking: Blocking::new(broker.alarms()),
     };
-    let _ = conn.run(read, buf, shutdown).await;
+    let _ = conn.run(read, buf, shutdown, escalated).await;
     conn.end().await;
     let _ = broker.connection_closed(id).await;
     drop(conn);
@@ -135,7 +169,10 @@ pub(crate) async fn serve(stream: TcpStream, broker: Broker, shutdown: watch::Re
 
 /// Reads the 8-byte protocol header: `Some(true)` if it is AMQP 0-9-1,
 /// `Some(false)` as soon as the bytes cannot be it, `None` on EOF or timeout.
-async fn read_protocol_header(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> Option<bool> {
+async fn read_protocol_header<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+) -> Option<bool> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     while buf.len() < PROTOCOL_HEADER.len() {
         let n = PROTOCOL_HEADER.len().min(buf.len());
@@ -160,7 +197,10 @@ fn server_properties() -> WireTable {
         "basic.nack",
         "consumer_cancel_notify",
         "per_consumer_qos",
+        "consumer_priorities",
         "authentication_failure_close",
+        "direct_reply_to",
+        "connection.blocked",
     ] {
         caps.insert(short(cap), AMQPValue::Boolean(true));
     }
@@ -177,18 +217,9 @@ fn server_properties() -> WireTable {
     props
 }
 
-/// The user and password of a PLAIN response: `authzid NUL user NUL password`.
-fn plain_credentials(response: &[u8]) -> Option<(&[u8], &[u8])> {
-    let mut parts = response.split(|b| *b == 0);
-    let _authzid = parts.next()?;
-    let user = parts.next()?;
-    let password = parts.next()?;
-    parts.next().is_none().then_some((user, password))
-}
-
 /// Whether a client may send this method on a channel other than 0.
 fn channel_method(method: &AMQPClass) -> bool {
-    use amq_protocol::protocol::{confirm, exchange, queue};
+    use amq_protocol::protocol::{confirm, exchange, queue, tx};
     matches!(
         method,
         AMQPClass::Channel(
@@ -220,6 +251,9 @@ fn channel_method(method: &AMQPClass) -> bool {
                 | basic::AMQPMethod::Recover(_)
                 | basic::AMQPMethod::Nack(_)
         ) | AMQPClass::Confirm(confirm::AMQPMethod::Select(_))
+            | AMQPClass::Tx(
+                tx::AMQPMethod::Select(_) | tx::AMQPMethod::Commit(_) | tx::AMQPMethod::Rollback(_)
+            )
     )
 }
 
@@ -228,11 +262,12 @@ fn ids(method: &AMQPClass) -> (u16, u16) {
 }
 
 impl Connection {
-    async fn run(
+    async fn run<R: AsyncRead + Unpin>(
         &mut self,
-        mut read: OwnedReadHalf,
+        mut read: R,
         mut buf: BytesMut,
         mut shutdown: watch::Receiver<bool>,
+        mut escalated: mpsc::UnboundedReceiver<ProtocolError>,
     ) -> Result<(), AmqpError> {
         self.outbox
             .method(
@@ -241,7 +276,7 @@ impl Connection {
                     version_major: 0,
                     version_minor: 9,
                     server_properties: server_properties(),
-                    mechanisms: LongString::from("PLAIN"),
+                    mechanisms: LongString::from(auth::MECHANISMS),
                     locales: LongString::from("en_US"),
                 })),
             )
@@ -250,7 +285,14 @@ impl Connection {
         let mut last_read = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            loop {
+            // Unblocked is told before the held frames are handled, so that
+            // it comes before their confirms.
+            if let Some(note) = self.blocking.notification() {
+                self.outbox.method(0, note).await?;
+            }
+            // A blocked connection's frames wait, read or not, until the
+            // alarms clear: a publish under way is held, not routed.
+            while !self.blocking.blocked() {
                 match frame::take_frame(&mut buf, self.frame_max) {
                     Ok(Some(frame)) => match self.handle(frame).await {
                         Ok(Flow::Continue) => {}
@@ -261,12 +303,25 @@ impl Connection {
                     Err(e) => return self.fail(e, &mut read, &mut buf).await,
                 }
             }
+            if let Some(note) = self.blocking.notification() {
+                self.outbox.method(0, note).await?;
+            }
+            // Room for many frames per read: a busy publisher's frames are
+            // then taken in with few system calls.
+            if buf.capacity() - buf.len() < READ_SPARE_MIN {
+                buf.reserve(READ_CHUNK);
+            }
             tokio::select! {
-                n = read.read_buf(&mut buf) => match n {
+                n = read.read_buf(&mut buf), if !self.blocking.blocked() => match n {
                     Ok(0) | Err(_) => return Ok(()),
                     Ok(_) => last_read = Instant::now(),
                 },
+                () = self.blocking.changed() => {}
                 _ = tick.tick() => {
+                    if self.blocking.blocked() {
+                        // Its heartbeats are not read while it is blocked.
+                        last_read = Instant::now();
+                    }
                     if self.phase != Phase::Running && started.elapsed() > HANDSHAKE_TIMEOUT {
                         return Ok(());
                     }
@@ -274,6 +329,13 @@ impl Connection {
                     if self.heartbeat > 0 && last_read.elapsed() > limit {
                         return Ok(());
                     }
+                }
+                Some(e) = escalated.recv() => {
+                    return self.fail(e, &mut read, &mut buf).await;
+                }
+                reason = close_request(&mut self.registration) => {
+                    let e = ProtocolError::new(code::CONNECTION_FORCED, reason);
+                    return self.fail(e, &mut read, &mut buf).await;
                 }
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -287,10 +349,10 @@ impl Connection {
 
     /// Closes the connection from the server's side: sends `connection.close`,
     /// drops the channels, and waits a little for the client's close-ok.
-    async fn fail(
+    async fn fail<R: AsyncRead + Unpin>(
         &mut self,
         e: ProtocolError,
-        read: &mut OwnedReadHalf,
+        read: &mut R,
         buf: &mut BytesMut,
     ) -> Result<(), AmqpError> {
         self.abort_channels().await;
@@ -402,10 +464,6 @@ impl Connection {
                 }
                 assembly.properties = Some(header.properties);
                 assembly.size = header.body_size;
-                // Reserve what is likely to arrive soon, not what a client claims.
-                assembly
-                    .body
-                    .reserve(header.body_size.min(1 << 20) as usize);
                 self.maybe_publish(ch).await
             }
             AMQPFrame::Body(ch, bytes) => {
@@ -416,7 +474,18 @@ impl Connection {
                 if assembly.properties.is_none() {
                     return Err(unexpected(ch, "content body before content header"));
                 }
-                assembly.body.extend_from_slice(&bytes);
+                if assembly.body.is_empty() && bytes.len() as u64 == assembly.size {
+                    // The usual case, a body in one frame: the frame's own
+                    // buffer becomes the message's, without another copy.
+                    assembly.body = bytes;
+                } else {
+                    if assembly.body.is_empty() {
+                        // Reserve what is likely to arrive soon, not what a
+                        // client claims.
+                        assembly.body.reserve(assembly.size.min(1 << 20) as usize);
+                    }
+                    assembly.body.extend_from_slice(&bytes);
+                }
                 if assembly.body.len() as u64 > assembly.size {
                     return Err(ProtocolError::new(
                         code::FRAME_ERROR,
@@ -474,10 +543,10 @@ impl Connection {
             return self.open_channel(ch, method_ids).await;
         }
         match &method {
-            AMQPClass::Tx(_) | AMQPClass::Access(_) => {
+            AMQPClass::Access(_) => {
                 return Err(ProtocolError::for_method(
                     code::NOT_IMPLEMENTED,
-                    "tx and access are not implemented",
+                    "access is not implemented",
                     method_ids,
                 ))
             }
@@ -498,6 +567,9 @@ impl Connection {
         {
             // Both sides closed the channel at once: it is already gone.
             return Ok(Flow::Continue);
+        }
+        if matches!(method, AMQPClass::Basic(basic::AMQPMethod::Publish(_))) {
+            self.blocking.published();
         }
         let slot = self.slot(ch)?;
         if slot.assembly.is_some() {
@@ -557,6 +629,7 @@ impl Connection {
             .broker
             .open_channel(&self.vhost, self.id)
             .map_err(|e| ProtocolError::from_broker(&e, method_ids))?;
+        broker_channel.set_number(ch);
         self.outbox
             .method(
                 ch,
@@ -565,12 +638,21 @@ impl Connection {
             .await
             .map_err(|e| ProtocolError::new(code::INTERNAL_ERROR, e))?;
         let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+        let Some(user) = self.user.clone() else {
+            return Err(ProtocolError::new(
+                code::COMMAND_INVALID,
+                "channel.open before login",
+            ));
+        };
         let setup = ChannelSetup {
+            user,
             broker: self.broker.clone(),
             vhost: self.vhost.clone(),
             connection: self.id,
             outbox: self.outbox.clone(),
             cancel_notify: self.cancel_notify,
+            connection_errors: self.channel_errors.clone(),
+            replies: self.replies.clone(),
         };
         let task = ChannelTask::new(ch, setup, broker_channel, rx);
         self.tasks.spawn(task.run());
@@ -588,19 +670,31 @@ impl Connection {
             (Phase::StartOk, connection::AMQPMethod::StartOk(ok)) => {
                 self.cancel_notify =
                     client_capability(&ok.client_properties, "consumer_cancel_notify");
-                let accepted = ok.mechanism.as_str() == "PLAIN"
-                    && plain_credentials(ok.response.as_bytes())
-                        == Some((b"guest".as_slice(), b"guest".as_slice()));
-                if !accepted {
+                self.blocking.set_notify(client_capability(
+                    &ok.client_properties,
+                    "connection.blocked",
+                ));
+                let mechanism = ok.mechanism.as_str();
+                // A socket without a peer address is not vouched for as
+                // loopback (`None` would mean an in-process caller).
+                let peer = Some(self.addrs.map_or(
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    |(peer, _)| peer.ip(),
+                ));
+                let user = match auth::credentials(mechanism, ok.response.as_bytes()) {
+                    Some((user, password)) => {
+                        self.broker.authenticate(&user, &password, peer).await.ok()
+                    }
+                    None => None,
+                };
+                let Some(user) = user else {
                     return Err(ProtocolError::for_method(
                         code::ACCESS_REFUSED,
-                        format!(
-                            "Login was refused using authentication mechanism {}",
-                            ok.mechanism
-                        ),
+                        auth::refused_text(mechanism),
                         method_ids,
                     ));
-                }
+                };
+                self.user = Some(user);
                 self.phase = Phase::TuneOk;
                 self.outbox
                     .method(
@@ -652,8 +746,26 @@ impl Connection {
                         method_ids,
                     ));
                 }
+                let user = self.user.as_ref().ok_or_else(|| {
+                    ProtocolError::for_method(code::COMMAND_INVALID, "not logged in", method_ids)
+                })?;
+                self.broker
+                    .check_vhost_access(user, vhost)
+                    .map_err(|e| ProtocolError::for_method(code::NOT_ALLOWED, e, method_ids))?;
                 self.vhost = vhost.to_string();
                 self.phase = Phase::Running;
+                if let Some((peer, local)) = self.addrs {
+                    self.registration = Some(self.broker.register_connection(
+                        self.id,
+                        ConnectionMeta {
+                            peer,
+                            local,
+                            user: user.name().to_string(),
+                            vhost: self.vhost.clone(),
+                            protocol: "AMQP 0-9-1".to_string(),
+                        },
+                    ));
+                }
                 self.outbox
                     .method(
                         0,
@@ -690,6 +802,15 @@ impl Connection {
     }
 }
 
+/// The reason an operator gave for closing the connection; pending while
+/// the connection is not registered or nobody asks.
+async fn close_request(registration: &mut Option<ConnectionHandle>) -> String {
+    match registration {
+        Some(handle) => handle.close_requested().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Whether the client's properties announce a capability.
 fn client_capability(properties: &WireTable, name: &str) -> bool {
     match properties.inner().get("capabilities") {
@@ -702,19 +823,4 @@ fn client_capability(properties: &WireTable, name: &str) -> bool {
 
 fn unexpected(ch: u16, what: &str) -> ProtocolError {
     ProtocolError::new(code::UNEXPECTED_FRAME, format!("{what} on channel {ch}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_responses_are_split() {
-        assert_eq!(
-            plain_credentials(b"\0guest\0guest"),
-            Some((&b"guest"[..], &b"guest"[..]))
-        );
-        assert_eq!(plain_credentials(b"guest"), None);
-        assert_eq!(plain_credentials(b"\0a\0b\0c"), None);
-    }
 }

@@ -28,6 +28,7 @@ pub(crate) mod code {
     pub(crate) const CONNECTION_FORCED: u16 = 320;
     pub(crate) const ACCESS_REFUSED: u16 = 403;
     pub(crate) const NOT_FOUND: u16 = 404;
+    pub(crate) const PRECONDITION_FAILED: u16 = 406;
     pub(crate) const FRAME_ERROR: u16 = 501;
     pub(crate) const SYNTAX_ERROR: u16 = 502;
     pub(crate) const COMMAND_INVALID: u16 = 503;
@@ -98,6 +99,13 @@ impl ProtocolError {
             method_id,
             ..ProtocolError::new(code, text)
         }
+    }
+
+    /// Whether the code is a connection-level ("hard") error: it closes the
+    /// whole connection with `connection.close`, even when a channel method
+    /// raised it, as RabbitMQ does. The others close only their channel.
+    pub(crate) fn is_connection_error(&self) -> bool {
+        !matches!(self.code, 200 | 311..=313 | 403..=406)
     }
 
     /// A broker error raised by a method, with the broker's reply code.

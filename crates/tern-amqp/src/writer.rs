@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, BasicProperties};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -48,7 +47,10 @@ impl std::fmt::Debug for Outgoing {
 impl Outbox {
     /// Starts the writer task on `write`. The task ends when every
     /// [`Outbox`] clone is dropped (after flushing) or the socket fails.
-    pub(crate) fn start(write: OwnedWriteHalf) -> (Outbox, tokio::task::JoinHandle<()>) {
+    pub(crate) fn start<W>(write: W) -> (Outbox, tokio::task::JoinHandle<()>)
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = tokio::spawn(async move {
             let _ = run(write, rx).await;
@@ -59,6 +61,11 @@ impl Outbox {
     /// The negotiated frame-max that content is cut to (0: not yet negotiated).
     pub(crate) fn set_frame_max(&mut self, frame_max: u32) {
         self.frame_max = frame_max;
+    }
+
+    /// The negotiated frame-max (0: not yet negotiated).
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.frame_max
     }
 
     /// Queues serialised frames.
@@ -101,7 +108,10 @@ impl Outbox {
     }
 }
 
-async fn run(mut write: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) -> Result<(), AmqpError> {
+async fn run<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+) -> Result<(), AmqpError> {
     let mut heartbeat_frame = Vec::new();
     frame::encode(&mut heartbeat_frame, &AMQPFrame::Heartbeat)?;
     let mut every: Option<Duration> = None;
