@@ -25,7 +25,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation};
 use serde_json::{json, Value};
 
-use crate::operator::{emit, explain, header_str, message_json, message_text, runtime, BrokerUrl};
+use crate::endpoint::Endpoint;
+use crate::operator::{connect, emit, explain, header_str, message_json, message_text, runtime};
 
 /// The toolkit's dead-letter headers (see `tern::transport`): the service
 /// that gave up, and why.
@@ -50,7 +51,7 @@ pub(crate) enum DlqCommand {
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
     #[command(flatten)]
-    url: BrokerUrl,
+    url: Endpoint,
     /// The dead-letter queue.
     queue: String,
     /// Prints at most N messages.
@@ -65,7 +66,7 @@ pub(crate) struct ListArgs {
 #[derive(Debug, Args)]
 pub(crate) struct RedriveArgs {
     #[command(flatten)]
-    url: BrokerUrl,
+    url: Endpoint,
     /// The dead-letter queue to empty.
     queue: String,
     /// Publishes every message to this exchange ("" is the default
@@ -153,7 +154,7 @@ fn death_summary(delivery: &Delivery) -> Value {
 }
 
 async fn list(args: &ListArgs) -> anyhow::Result<ExitCode> {
-    let conn = args.url.connect().await?;
+    let conn = connect(&args.url).await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     let queue = &args.queue;
     let depth = queue_depth(&ch, queue).await?;
@@ -269,7 +270,7 @@ fn redriven_headers(delivery: &Delivery) -> Option<FieldTable> {
 }
 
 async fn redrive(args: &RedriveArgs) -> anyhow::Result<ExitCode> {
-    let conn = args.url.connect().await?;
+    let conn = connect(&args.url).await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await

@@ -22,9 +22,11 @@ mod access;
 mod api_client;
 mod config;
 mod dlq;
+mod endpoint;
 mod limits;
 mod manage;
 mod operator;
+mod progress;
 mod publish;
 mod serve;
 mod tail;
@@ -36,6 +38,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::manage::Listable;
 
 /// Tern: a durable, RabbitMQ-compatible message broker.
 #[derive(Debug, Parser)]
@@ -64,6 +67,31 @@ enum Command {
     /// Lists queues, exchanges, bindings, connections, channels, consumers
     /// or vhosts (through the management HTTP API).
     List(manage::ListArgs),
+    /// Lists queues, with their depth and consumers (`tern queues list`).
+    Queues {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists exchanges, with their type (`tern exchanges list`).
+    Exchanges {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists bindings (`tern bindings list`).
+    Bindings {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists client connections (`tern connections list`).
+    Connections {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists consumers, with their queue and prefetch (`tern consumers list`).
+    Consumers {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
     /// Declares a queue, an exchange or a binding.
     Declare {
         #[command(subcommand)]
@@ -108,6 +136,11 @@ fn main() -> ExitCode {
         Command::Tail(args) => tail::run(args),
         Command::Dlq { command } => dlq::run(command),
         Command::List(args) => manage::list(args),
+        Command::Queues { command } => manage::list_command(Listable::Queues, command),
+        Command::Exchanges { command } => manage::list_command(Listable::Exchanges, command),
+        Command::Bindings { command } => manage::list_command(Listable::Bindings, command),
+        Command::Connections { command } => manage::list_command(Listable::Connections, command),
+        Command::Consumers { command } => manage::list_command(Listable::Consumers, command),
         Command::Declare { command } => manage::declare(command),
         Command::Delete { command } => manage::delete(command),
         Command::Purge(args) => manage::purge(args),
