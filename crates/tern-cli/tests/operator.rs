@@ -2,8 +2,10 @@
 //! serve` on free ports: `publish` (confirmed, returned, stdin, headers and
 //! properties, exit codes), `tail` (an exchange through a temporary queue,
 //! JSON and base64 output, a queue only with `--consume`), `dlq list`
-//! (nothing removed) and `dlq redrive` (broker and toolkit dead letters,
-//! `--to`, `--limit`, none lost, none duplicated), and the errors for a
+//! (nothing removed), `dlq show` (one message in full, by position or
+//! message id, nothing removed) and `dlq redrive` (broker and toolkit dead
+//! letters, `--to`, `--limit`, and killed again and again then re-run:
+//! none lost, none duplicated), and the errors for a
 //! broker that is not there and a queue that does not exist.
 
 #![allow(clippy::unwrap_used)] // a test that fails should panic
@@ -678,57 +680,186 @@ async fn tail_into_a_closed_pipe_ends_quietly() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redrive_killed_midway_loses_nothing() {
-    let b = broker().await;
-    let sent = dead_letter(&b, 30).await;
-    let url = b.url();
-    let mut child = tern(
-        &[
-            "dlq", "redrive", "work.dlq", "--rate", "40/s", "--url", &url,
-        ],
-        &[],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+/// Starts `tern dlq redrive work.dlq ARGS`, waits for its first move,
+/// waits `delay` more, and SIGKILLs it, wherever it is in its move; `false`
+/// if it finished before moving anything.
+async fn kill_redrive_midway(url: &str, args: &[&str], delay: Duration) -> bool {
+    let mut all = vec!["dlq", "redrive", "work.dlq", "--url", url];
+    all.extend_from_slice(args);
+    let mut child = tern(&all, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let out = child.stdout.take().unwrap();
-    // SIGKILL after the fifth confirmed move, wherever the sixth is.
-    let fifth = tokio::task::spawn_blocking(move || {
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    // Reads on after the first move, so the child never blocks on a full
+    // pipe before the kill.
+    let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(out)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.starts_with("redriven 5/"))
-    })
-    .await
-    .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(fifth, "redrive ended before its fifth move");
-    // The broker requeues what the killed connection held.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.depth("work").await + b.depth("work.dlq").await < 30 {
-        assert!(Instant::now() < deadline, "messages missing after the kill");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut first_tx = Some(first_tx);
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("redriven ") {
+                if let Some(tx) = first_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    let moved = tokio::time::timeout(Duration::from_secs(30), first).await;
+    let moved = matches!(moved, Ok(Ok(())));
+    if moved {
+        tokio::time::sleep(delay).await;
     }
-    let moved = bodies(&b.drain("work").await);
-    let left = bodies(&b.drain("work.dlq").await);
+    let _ = child.kill(); // SIGKILL
+    child.wait().unwrap();
+    reader.join().unwrap();
+    moved
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_killed_at_any_point_and_rerun_moves_every_message_exactly_once() {
+    let b = broker().await;
+    let sent = dead_letter(&b, 60).await;
+    let url = b.url();
+    // Paced runs, killed at staggered moments of a 25 ms move cycle, then
+    // unpaced runs, where nearly all the time is spent inside a move (get,
+    // publish, ack, commit), so the kills land there.
+    let mut kills = 0;
+    for (i, rate) in ["40/s", "40/s", "40/s", "40/s", "1000/s", "1000/s", "1000/s"]
+        .iter()
+        .enumerate()
+    {
+        let delay = Duration::from_micros(3_100 * i as u64);
+        if kill_redrive_midway(&url, &["--rate", rate], delay).await {
+            kills += 1;
+        }
+        // The broker requeues what the killed connection held.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut total = 0;
+        while total < 60 {
+            assert!(Instant::now() < deadline, "messages missing after kill {i}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            total = b.depth("work").await + b.depth("work.dlq").await;
+        }
+        assert_eq!(total, 60, "kill {i} left a message in both queues");
+    }
+    assert!(kills >= 5, "only {kills} runs were killed mid-way");
+    let moved_before = b.depth("work").await;
     assert!(
-        moved.len() >= 5 && moved.len() < 30,
-        "moved {}",
-        moved.len()
+        moved_before > 0 && moved_before < 60,
+        "the kills left {moved_before} moved"
     );
-    let all: Vec<String> = moved.iter().chain(&left).cloned().collect();
-    let unique: BTreeSet<String> = all.iter().cloned().collect();
-    assert_eq!(unique, sent, "every message is somewhere");
+    // The same command again finishes the job.
+    let out = b.tern(&["dlq", "redrive", "work.dlq"], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        all.len() - unique.len() <= 1,
-        "at most the one in flight is duplicated: {} copies of {}",
-        all.len(),
-        unique.len()
+        stdout(&out).contains(&format!("moved {} messages", 60 - moved_before)),
+        "{}",
+        stdout(&out)
     );
+    assert_eq!(b.depth("work.dlq").await, 0);
+    let got = bodies(&b.drain("work").await);
+    assert_eq!(got.len(), 60, "every message arrived exactly once: {got:?}");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), sent);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_show_prints_one_message_in_full_and_leaves_it() {
+    let b = broker().await;
+    dead_letter(&b, 2).await;
+    b.queue("raw.dlq", FieldTable::default()).await;
+    let headers = FieldTable::from(std::collections::BTreeMap::from([(
+        "tenant".into(),
+        long_string("acme"),
+    )]));
+    b.publish(
+        "",
+        "raw.dlq",
+        b"{\"order\":7,\"items\":[1,2]}",
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_content_type("application/json".into())
+            .with_headers(headers),
+    )
+    .await;
+    b.publish(
+        "",
+        "raw.dlq",
+        b"\xff\x00binary",
+        BasicProperties::default().with_message_id("m-2".into()),
+    )
+    .await;
+
+    // By position (the head by default), with the deaths decoded.
+    let out = b
+        .tern(&["dlq", "show", "work.dlq", "--position", "2"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("message 2 of queue \"work.dlq\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("death 1 of 1: rejected in queue work at 20")
+            && text.contains("from exchange orders with routing keys [\"new\"]"),
+        "{text}"
+    );
+    assert!(text.contains("body (7 bytes):\norder 1\n"), "{text}");
+
+    // By message id, with properties, headers and a pretty JSON body.
+    let out = b
+        .tern(&["dlq", "show", "raw.dlq", "--message-id", "m-1"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("  message_id: \"m-1\"\n"), "{text}");
+    assert!(
+        text.contains("  content_type: \"application/json\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("  tenant: \"acme\"\n"), "{text}");
+    assert!(text.contains("deaths: none recorded"), "{text}");
+    assert!(
+        text.contains(
+            "body (JSON, 25 bytes):\n{\n  \"items\": [\n    1,\n    2\n  ],\n  \"order\": 7\n}\n"
+        ),
+        "{text}"
+    );
+    let out = b
+        .tern(
+            &["dlq", "show", "raw.dlq", "--message-id", "m-2", "--json"],
+            b"",
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(m["position"], 2);
+    assert_eq!(m["body_encoding"], "base64");
+    assert_eq!(m["deaths"], serde_json::json!([]));
+
+    // Nothing there: the error says what there is.
+    let out = b
+        .tern(&["dlq", "show", "raw.dlq", "--position", "3"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("holds 2 messages"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b
+        .tern(&["dlq", "show", "raw.dlq", "--message-id", "nope"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no message with message-id \"nope\""));
+
+    // Showing took nothing, and kept the order.
+    assert_eq!(b.depth("work.dlq").await, 2);
+    assert_eq!(bodies(&b.drain("work.dlq").await), ["order 0", "order 1"]);
+    assert_eq!(b.depth("raw.dlq").await, 2);
     b.stop().await;
 }
 
