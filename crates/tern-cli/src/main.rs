@@ -7,11 +7,13 @@
 //! exits 0. Its configuration merges flags, `TERN_*` variables and a TOML
 //! file (`config.rs`).
 //!
-//! The operator commands talk to a running broker over AMQP: `tern publish`,
-//! `tern tail`, `tern dlq list` and `tern dlq redrive`. `tern list`,
+//! The operator commands talk to a running broker named by one `--url`
+//! (`TERN_URL`; `endpoint.rs`), an AMQP or a management API URL: `tern
+//! publish`, `tern tail` and `tern dlq list|show|redrive` over AMQP; `tern
+//! list` (and `tern queues|exchanges|bindings|connections|consumers list`),
 //! `tern declare`, `tern delete` and `tern purge` manage the topology, and
 //! `tern users`, `tern permissions` and `tern vhosts` access, through the
-//! management HTTP API (`--api`, `TERN_API_URL`).
+//! management HTTP API.
 //! `tern completions SHELL` prints a shell completion script.
 //!
 //! Errors end the process with exit code 1 and one line on stderr that says

@@ -21,9 +21,9 @@ impl Progress {
         }
         let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
         // The template is a constant; a bad one only loses the styling.
-        if let Ok(style) =
-            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)")
-        {
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} ({elapsed}, about {eta} left)",
+        ) {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(what);
