@@ -3,7 +3,7 @@
 //! the AMQP URL or the management API's, with a hint when a command needs
 //! the other kind; `tern publish EXCHANGE ROUTING_KEY [BODY|-]`; one summary
 //! line for a bulk publish without a terminal; and `tern KIND list` as the
-//! same listing as `tern list KIND`.
+//! same listing as `tern list KIND`; and the progress bars on a terminal.
 
 #![allow(clippy::unwrap_used)] // a test that fails should panic
 
@@ -271,4 +271,67 @@ fn kind_list_commands_are_the_same_listing_as_list_kind() {
     assert!(table.contains("events  audit"), "{table}");
     tail.kill().unwrap();
     tail.wait().unwrap();
+}
+
+/// `tern ARGS` under `script`, which gives it a terminal; its output
+/// (stdout and stderr together, as the terminal shows them), or `None`
+/// where util-linux's `script` is missing.
+fn on_a_terminal(args: &[&str]) -> Option<String> {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return None;
+    }
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let line = format!("'{}' {}", support::TERN, quoted.join(" "));
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env_remove("TERN_URL")
+        .env_remove("TERN_API_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "tern {args:?} on a terminal: {text}");
+    Some(text)
+}
+
+#[test]
+fn bulk_sends_and_redrives_draw_a_progress_bar_on_a_terminal() {
+    let b = Broker::start();
+    b.http(&["declare", "queue", "load"]);
+    b.http(&["declare", "queue", "back"]);
+    let url = b.serve.amqp_url();
+    let publish = [
+        "publish", "", "load", "x", "--count", "300", "--rate", "1000", "--url", &url,
+    ];
+    let Some(text) = on_a_terminal(&publish) else {
+        println!("skipped: no `script` (util-linux) to give tern a terminal");
+        return;
+    };
+    assert!(text.contains("publishing ["), "{text}");
+    assert!(text.contains("/300 ("), "{text}");
+    assert!(text.contains("published 300 messages"), "{text}");
+    let redrive = [
+        "dlq",
+        "redrive",
+        "load",
+        "--to",
+        "",
+        "--routing-key",
+        "back",
+        "--rate",
+        "1000/s",
+        "--url",
+        &url,
+    ];
+    let text = on_a_terminal(&redrive).unwrap();
+    assert!(text.contains("redriving ["), "{text}");
+    assert!(text.contains("moved 300 messages"), "{text}");
+    // The bar replaces the per-message lines.
+    assert!(!text.contains("redriven 1/300"), "{text}");
+    let queues = b.list_json(&["queues", "list", "--name", "back"]);
+    assert_eq!(queues[0]["messages_ready"], 300);
 }

@@ -680,13 +680,11 @@ async fn tail_into_a_closed_pipe_ends_quietly() {
     b.stop().await;
 }
 
-/// Starts `tern dlq redrive work.dlq ARGS`, waits for its first move,
-/// waits `delay` more, and SIGKILLs it, wherever it is in its move; `false`
-/// if it finished before moving anything.
-async fn kill_redrive_midway(url: &str, args: &[&str], delay: Duration) -> bool {
-    let mut all = vec!["dlq", "redrive", "work.dlq", "--url", url];
-    all.extend_from_slice(args);
-    let mut child = tern(&all, &[])
+/// Starts `tern ARGS` (a `dlq redrive`), waits for its first move, waits
+/// `delay` more, and SIGKILLs it, wherever it is in its move; `false` if it
+/// finished before moving anything.
+async fn kill_redrive_midway(args: &[&str], delay: Duration) -> bool {
+    let mut child = tern(args, &[])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -731,7 +729,8 @@ async fn a_redrive_killed_at_any_point_and_rerun_moves_every_message_exactly_onc
         .enumerate()
     {
         let delay = Duration::from_micros(3_100 * i as u64);
-        if kill_redrive_midway(&url, &["--rate", rate], delay).await {
+        let args = ["dlq", "redrive", "work.dlq", "--url", &url, "--rate", rate];
+        if kill_redrive_midway(&args, delay).await {
             kills += 1;
         }
         // The broker requeues what the killed connection held.
@@ -763,6 +762,157 @@ async fn a_redrive_killed_at_any_point_and_rerun_moves_every_message_exactly_onc
     assert_eq!(got.len(), 60, "every message arrived exactly once: {got:?}");
     assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), sent);
     b.stop().await;
+}
+
+/// The same kill-and-rerun against RabbitMQ (when `TERN_TEST_RABBITMQ_URL`
+/// is set), whose transactions the redrive relies on just as on Tern's,
+/// and an unroutable target there: the message is put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redrive_moves_every_message_exactly_once_on_rabbitmq_too() {
+    let Ok(url) = std::env::var("TERN_TEST_RABBITMQ_URL") else {
+        println!("skipped: TERN_TEST_RABBITMQ_URL is not set");
+        return;
+    };
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let prefix = format!("tern-cli-redrive-{}", std::process::id());
+    let (src, dst) = (format!("{prefix}.dlq"), format!("{prefix}.work"));
+    for q in [&src, &dst] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let depth = |q: String| {
+        let ch = ch.clone();
+        async move {
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+        }
+    };
+    let mut sent = BTreeSet::new();
+    for i in 0..40 {
+        let body = format!("job {i}");
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                src.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(confirm, Confirmation::Ack(None));
+        sent.insert(body);
+    }
+    let redrive = [
+        "dlq",
+        "redrive",
+        &src,
+        "--to",
+        "",
+        "--routing-key",
+        &dst,
+        "--url",
+        &url,
+    ];
+    for (i, rate) in ["40/s", "1000/s", "1000/s"].iter().enumerate() {
+        let mut args = redrive.to_vec();
+        args.extend(["--rate", rate]);
+        kill_redrive_midway(&args, Duration::from_micros(2_900 * i as u64)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut total = 0;
+        while total < 40 {
+            assert!(Instant::now() < deadline, "messages missing after kill {i}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            total = depth(src.clone()).await + depth(dst.clone()).await;
+        }
+        assert_eq!(total, 40, "kill {i} left a message in both queues");
+    }
+    let out = tokio::task::spawn_blocking({
+        let args: Vec<String> = redrive.iter().map(|s| s.to_string()).collect();
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, &[], b"")
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(depth(src.clone()).await, 0);
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get(dst.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    assert_eq!(got.len(), 40, "every message arrived exactly once");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), sent);
+
+    // Unroutable: the original goes back to the queue, and the run fails.
+    ch.basic_publish(
+        "".into(),
+        src.as_str().into(),
+        BasicPublishOptions::default(),
+        b"stray",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let nowhere = format!("{prefix}.nowhere");
+    let args = [
+        "dlq",
+        "redrive",
+        &src,
+        "--to",
+        "",
+        "--routing-key",
+        &nowhere,
+        "--url",
+        &url,
+    ];
+    let out = tokio::task::spawn_blocking({
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, &[], b"")
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("put back"), "{}", stderr(&out));
+    assert_eq!(depth(src.clone()).await, 1);
+    for q in [&src, &dst] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    conn.close(200, "bye".into()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
