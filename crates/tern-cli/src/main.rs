@@ -54,7 +54,8 @@ struct Cli {
 enum Command {
     /// Runs the broker until SIGINT or SIGTERM.
     Serve(config::ServeArgs),
-    /// Publishes one message and waits for the broker's confirm.
+    /// Publishes a message (`tern publish EXCHANGE ROUTING_KEY BODY`) and
+    /// waits for the broker's confirm.
     ///
     /// Exit codes: 0 confirmed, 1 error, 3 returned as unroutable, 4 nacked.
     Publish(publish::PublishArgs),

@@ -36,9 +36,11 @@ pub(crate) struct PublishArgs {
     /// The exchange to publish to; "" is the default exchange, which
     /// routes to the queue named by the routing key. With -e or -k, the
     /// only positional argument is the body.
+    #[arg(value_name = "EXCHANGE")]
     exchange_arg: Option<String>,
 
     /// The routing key.
+    #[arg(value_name = "ROUTING_KEY")]
     routing_key_arg: Option<String>,
 
     /// The body; `-` or nothing reads it from stdin.
