@@ -11,7 +11,8 @@ use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::api_client::{segment, ApiArgs, ApiClient};
+use crate::api_client::{segment, ApiClient};
+use crate::endpoint::Endpoint;
 use crate::operator::{emit, runtime};
 
 /// `tern users`.
@@ -53,7 +54,7 @@ pub(crate) enum VhostsCommand {
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// Prints the API's JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -63,7 +64,7 @@ pub(crate) struct ListArgs {
 #[derive(Debug, Args)]
 pub(crate) struct NameArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// The name.
     name: String,
 }
@@ -72,7 +73,7 @@ pub(crate) struct NameArgs {
 #[derive(Debug, Args)]
 pub(crate) struct UserAddArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// The user's name.
     name: String,
     /// The password (read from the first line of stdin if not given, which
@@ -88,7 +89,7 @@ pub(crate) struct UserAddArgs {
 #[derive(Debug, Args)]
 pub(crate) struct PasswdArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// The user's name.
     name: String,
     /// The new password (read from the first line of stdin if not given).
@@ -100,7 +101,7 @@ pub(crate) struct PasswdArgs {
 #[derive(Debug, Args)]
 pub(crate) struct PermissionListArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// Only this vhost.
     #[arg(long)]
     vhost: Option<String>,
@@ -113,7 +114,7 @@ pub(crate) struct PermissionListArgs {
 #[derive(Debug, Args)]
 pub(crate) struct PermissionSetArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// The vhost.
     #[arg(long, default_value = "/")]
     vhost: String,
@@ -131,7 +132,7 @@ pub(crate) struct PermissionSetArgs {
 #[derive(Debug, Args)]
 pub(crate) struct PermissionClearArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// The vhost.
     #[arg(long, default_value = "/")]
     vhost: String,

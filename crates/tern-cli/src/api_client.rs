@@ -1,6 +1,7 @@
-//! The operator commands' way to the management HTTP API: the `--api` URL
-//! (`http://USER:PASS@HOST:PORT`, `TERN_API_URL`) or a bearer token
-//! (`--token`, `TERN_HTTP_TOKEN`), one HTTP/1.1 request per connection
+//! The operator commands' way to the management HTTP API: the http:// URL
+//! of `--url` (`TERN_URL`, or the `--api` alias; see `endpoint.rs`) with its
+//! user and password or a bearer token (`--token`, `TERN_HTTP_TOKEN`), one
+//! HTTP/1.1 request per connection
 //! (hyper's connection-level client), and the API's JSON errors turned into
 //! one line that names the problem.
 
@@ -8,7 +9,6 @@ use std::fmt;
 
 use anyhow::{anyhow, Context};
 use base64::Engine;
-use clap::Args;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
@@ -16,21 +16,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-/// The HTTP API of `tern serve` with its default address and user.
-const DEFAULT_API: &str = "http://guest:guest@127.0.0.1:15672";
+use crate::endpoint::{Endpoint, DEFAULT_API_URL};
 
-/// Where the HTTP API is and who to be there.
-#[derive(Debug, Clone, Args)]
-pub(crate) struct ApiArgs {
-    /// The management HTTP API (http://USER:PASS@HOST:PORT).
-    #[arg(long = "api", env = "TERN_API_URL", default_value = DEFAULT_API, hide_env_values = true)]
-    pub(crate) url: String,
-    /// A bearer token to send instead of the URL's user and password.
-    #[arg(long, env = "TERN_HTTP_TOKEN", hide_env_values = true)]
-    pub(crate) token: Option<String>,
-}
-
-/// A parsed `--api` URL.
+/// A parsed management API URL.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct ApiUrl {
     /// `host:port`.
@@ -50,14 +38,14 @@ impl ApiUrl {
     pub(crate) fn parse(url: &str) -> anyhow::Result<ApiUrl> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
             anyhow!(
-                "--api must be an http:// URL such as {DEFAULT_API}, not '{}'",
+                "the management API URL must be an http:// URL such as {DEFAULT_API_URL}, not '{}'",
                 redact(url)
             )
         })?;
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') {
             return Err(anyhow!(
-                "--api takes no path ('{}'): give http://USER:PASS@HOST:PORT",
+                "the management API URL takes no path ('{}'): give --url http://USER:PASS@HOST:PORT",
                 redact(url)
             ));
         }
@@ -69,7 +57,10 @@ impl ApiUrl {
             None => (None, rest),
         };
         if host.is_empty() {
-            return Err(anyhow!("--api names no host: '{}'", redact(url)));
+            return Err(anyhow!(
+                "the management API URL names no host: '{}'",
+                redact(url)
+            ));
         }
         let authority = if host
             .rsplit_once(':')
@@ -113,7 +104,9 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| anyhow!("bad percent-encoding in the --api user or password"))?;
+                .ok_or_else(|| {
+                    anyhow!("bad percent-encoding in the management API URL's user or password")
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -121,7 +114,7 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).context("the --api user or password is not UTF-8")
+    String::from_utf8(out).context("the management API URL's user or password is not UTF-8")
 }
 
 /// Percent-encodes one path segment (a vhost `/` is `%2F`).
@@ -152,9 +145,9 @@ pub(crate) struct Answer {
 }
 
 impl ApiClient {
-    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<ApiClient> {
-        let url = ApiUrl::parse(&args.url)?;
-        let authorization = match (&args.token, &url.user) {
+    pub(crate) fn new(endpoint: &Endpoint) -> anyhow::Result<ApiClient> {
+        let url = ApiUrl::parse(&endpoint.http()?)?;
+        let authorization = match (&endpoint.token, &url.user) {
             (Some(token), _) if !token.is_empty() => format!("Bearer {token}"),
             (_, Some((u, p))) => format!(
                 "Basic {}",
@@ -162,7 +155,7 @@ impl ApiClient {
             ),
             _ => {
                 return Err(anyhow!(
-                    "no credentials for {}: put USER:PASS@ in --api (or TERN_API_URL), or give --token (or TERN_HTTP_TOKEN)",
+                    "no credentials for {}: put USER:PASS@ in --url (or TERN_URL), or give --token (or TERN_HTTP_TOKEN)",
                     url.redacted()
                 ))
             }
@@ -183,9 +176,9 @@ impl ApiClient {
             .await
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                    anyhow!("cannot reach the HTTP API at {api}: connection refused; is `tern serve` running? point --api (or TERN_API_URL) at its HTTP address")
+                    anyhow!("cannot reach the HTTP API at {api}: connection refused; is `tern serve` running? point --url (or TERN_URL) at its HTTP address")
                 } else {
-                    anyhow!("cannot reach the HTTP API at {api}: {e}; check --api (or TERN_API_URL)")
+                    anyhow!("cannot reach the HTTP API at {api}: {e}; check --url (or TERN_URL)")
                 }
             })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -251,7 +244,7 @@ impl ApiClient {
         let code = answer.status.as_u16();
         if code == 401 {
             anyhow!(
-                "{reason} (HTTP 401 from {}); check the user and password in --api (or TERN_API_URL), or --token",
+                "{reason} (HTTP 401 from {}); check the user and password in --url (or TERN_URL), or --token",
                 self.url.redacted()
             )
         } else {

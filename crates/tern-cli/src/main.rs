@@ -7,11 +7,13 @@
 //! exits 0. Its configuration merges flags, `TERN_*` variables and a TOML
 //! file (`config.rs`).
 //!
-//! The operator commands talk to a running broker over AMQP: `tern publish`,
-//! `tern tail`, `tern dlq list` and `tern dlq redrive`. `tern list`,
+//! The operator commands talk to a running broker named by one `--url`
+//! (`TERN_URL`; `endpoint.rs`), an AMQP or a management API URL: `tern
+//! publish`, `tern tail` and `tern dlq list|show|redrive` over AMQP; `tern
+//! list` (and `tern queues|exchanges|bindings|connections|consumers list`),
 //! `tern declare`, `tern delete` and `tern purge` manage the topology, and
 //! `tern users`, `tern permissions` and `tern vhosts` access, through the
-//! management HTTP API (`--api`, `TERN_API_URL`).
+//! management HTTP API.
 //! `tern completions SHELL` prints a shell completion script.
 //!
 //! Errors end the process with exit code 1 and one line on stderr that says
@@ -22,9 +24,11 @@ mod access;
 mod api_client;
 mod config;
 mod dlq;
+mod endpoint;
 mod limits;
 mod manage;
 mod operator;
+mod progress;
 mod publish;
 mod serve;
 mod tail;
@@ -36,6 +40,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::manage::Listable;
 
 /// Tern: a durable, RabbitMQ-compatible message broker.
 #[derive(Debug, Parser)]
@@ -49,7 +54,8 @@ struct Cli {
 enum Command {
     /// Runs the broker until SIGINT or SIGTERM.
     Serve(config::ServeArgs),
-    /// Publishes one message and waits for the broker's confirm.
+    /// Publishes a message (`tern publish EXCHANGE ROUTING_KEY BODY`) and
+    /// waits for the broker's confirm.
     ///
     /// Exit codes: 0 confirmed, 1 error, 3 returned as unroutable, 4 nacked.
     Publish(publish::PublishArgs),
@@ -64,6 +70,31 @@ enum Command {
     /// Lists queues, exchanges, bindings, connections, channels, consumers
     /// or vhosts (through the management HTTP API).
     List(manage::ListArgs),
+    /// Lists queues, with their depth and consumers (`tern queues list`).
+    Queues {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists exchanges, with their type (`tern exchanges list`).
+    Exchanges {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists bindings (`tern bindings list`).
+    Bindings {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists client connections (`tern connections list`).
+    Connections {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
+    /// Lists consumers, with their queue and prefetch (`tern consumers list`).
+    Consumers {
+        #[command(subcommand)]
+        command: manage::KindCommand,
+    },
     /// Declares a queue, an exchange or a binding.
     Declare {
         #[command(subcommand)]
@@ -108,6 +139,11 @@ fn main() -> ExitCode {
         Command::Tail(args) => tail::run(args),
         Command::Dlq { command } => dlq::run(command),
         Command::List(args) => manage::list(args),
+        Command::Queues { command } => manage::list_command(Listable::Queues, command),
+        Command::Exchanges { command } => manage::list_command(Listable::Exchanges, command),
+        Command::Bindings { command } => manage::list_command(Listable::Bindings, command),
+        Command::Connections { command } => manage::list_command(Listable::Connections, command),
+        Command::Consumers { command } => manage::list_command(Listable::Consumers, command),
         Command::Declare { command } => manage::declare(command),
         Command::Delete { command } => manage::delete(command),
         Command::Purge(args) => manage::purge(args),

@@ -1,4 +1,5 @@
-//! `tern list`, `tern declare`, `tern delete` and `tern purge`: the
+//! `tern list KIND` (also spelt `tern queues list`, `tern exchanges list`,
+//! …), `tern declare`, `tern delete` and `tern purge`: the
 //! broker's topology from a shell or a script, through the management HTTP
 //! API (listing has no AMQP method, and one path for all four keeps their
 //! errors alike).
@@ -14,7 +15,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
-use crate::api_client::{segment, Answer, ApiArgs, ApiClient};
+use crate::api_client::{segment, Answer, ApiClient};
+use crate::endpoint::Endpoint;
 use crate::operator::{emit, runtime};
 
 /// What `tern list` can list.
@@ -39,10 +41,25 @@ pub(crate) enum Listable {
 /// Arguments of `tern list`.
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
-    #[command(flatten)]
-    api: ApiArgs,
     /// What to list.
     what: Listable,
+    #[command(flatten)]
+    options: ListOptions,
+}
+
+/// `tern queues|exchanges|bindings|connections|consumers list`: the same
+/// listing as `tern list KIND`, named the way operators say it.
+#[derive(Debug, Subcommand)]
+pub(crate) enum KindCommand {
+    /// Lists them as an aligned table (or JSON with --json).
+    List(ListOptions),
+}
+
+/// How to list, whatever the kind.
+#[derive(Debug, Args)]
+pub(crate) struct ListOptions {
+    #[command(flatten)]
+    api: Endpoint,
     /// Only this vhost (default: every vhost).
     #[arg(long)]
     vhost: Option<String>,
@@ -58,7 +75,7 @@ pub(crate) struct ListArgs {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct Target {
     #[command(flatten)]
-    api: ApiArgs,
+    api: Endpoint,
     /// The vhost.
     #[arg(long, default_value = "/")]
     vhost: String,
@@ -174,11 +191,22 @@ pub(crate) struct PurgeArgs {
     queue: String,
 }
 
-/// Runs `tern list`.
+/// Runs `tern list KIND`.
 pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    list_kind(args.what, &args.options)
+}
+
+/// Runs `tern KIND list`.
+pub(crate) fn list_command(what: Listable, command: KindCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        KindCommand::List(options) => list_kind(what, &options),
+    }
+}
+
+fn list_kind(what: Listable, args: &ListOptions) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.api)?;
     runtime()?.block_on(async {
-        let base = match args.what {
+        let base = match what {
             Listable::Queues => "/api/queues",
             Listable::Exchanges => "/api/exchanges",
             Listable::Bindings => "/api/bindings",
@@ -196,7 +224,7 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             .filter(|item| match &args.vhost {
                 None => true,
                 Some(v) => {
-                    let own = match args.what {
+                    let own = match what {
                         Listable::Vhosts => item.get("name"),
                         _ => item.get("vhost"),
                     };
@@ -205,13 +233,13 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             })
             .filter(|item| match &args.name {
                 None => true,
-                Some(part) => name_of(args.what, item).contains(part.as_str()),
+                Some(part) => name_of(what, item).contains(part.as_str()),
             })
             .collect();
         let text = if args.json {
             format!("{}\n", Value::Array(items))
         } else {
-            table(args.what, &items)
+            table(what, &items)
         };
         emit(&text)?;
         Ok(ExitCode::SUCCESS)

@@ -1,78 +1,42 @@
-//! What the operator commands (`publish`, `tail`, `dlq`) share: the broker
-//! URL (`--url`, `TERN_URL`), connecting with an error that says what to
-//! do, explaining AMQP errors, and printing a message (text or JSON).
+//! What the AMQP operator commands (`publish`, `tail`, `dlq`) share:
+//! connecting to `--url` with an error that says what to do, explaining
+//! AMQP errors, and printing a message (text or JSON).
 
 use std::io::ErrorKind as IoErrorKind;
 
 use anyhow::Context;
 use base64::Engine;
-use clap::Args;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use serde_json::{json, Map, Value};
 
-/// The local broker as `tern serve` starts it by default.
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use crate::endpoint::{redact, Endpoint, DEFAULT_AMQP_URL};
 
-/// The broker an operator command talks to.
-#[derive(Debug, Clone, Args)]
-pub(crate) struct BrokerUrl {
-    /// The broker's AMQP URL (amqp://USER:PASS@HOST:PORT/VHOST).
-    #[arg(
-        long,
-        env = "TERN_URL",
-        default_value = DEFAULT_URL,
-        hide_env_values = true
-    )]
-    pub(crate) url: String,
-}
-
-impl BrokerUrl {
-    /// The URL with its password replaced by `***`, for messages.
-    pub(crate) fn redacted(&self) -> String {
-        redact(&self.url)
-    }
-
-    /// Connects, turning a failure into one line with the fix.
-    pub(crate) async fn connect(&self) -> anyhow::Result<Connection> {
-        Connection::connect(&self.url, ConnectionProperties::default())
-            .await
-            .map_err(|e| {
-                let url = self.redacted();
-                let refused = matches!(e.kind(), ErrorKind::IOError(io)
-                    if matches!(io.kind(), IoErrorKind::ConnectionRefused | IoErrorKind::NotFound));
-                if refused {
-                    anyhow::anyhow!(
-                        "cannot connect to {url}: connection refused; is `tern serve` running? start it with `tern serve`, or point --url (or TERN_URL) at your broker"
-                    )
-                } else if let ErrorKind::ProtocolError(amqp) = e.kind() {
-                    anyhow::anyhow!(
-                        "cannot connect to {url}: the broker refused ({amqp}); check the user, password and vhost in --url (or TERN_URL)"
-                    )
-                } else {
-                    anyhow::anyhow!(
-                        "cannot connect to {url}: {e}; check --url (or TERN_URL), e.g. {DEFAULT_URL}"
-                    )
-                }
-            })
-    }
-}
-
-/// Replaces the password of an `amqp://user:pass@host` URL by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
+/// Connects to the broker of `--url`, turning a failure into one line
+/// with the fix.
+pub(crate) async fn connect(endpoint: &Endpoint) -> anyhow::Result<Connection> {
+    let url = endpoint.amqp()?;
+    Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .map_err(|e| {
+            let url = redact(&url);
+            let refused = matches!(e.kind(), ErrorKind::IOError(io)
+                if matches!(io.kind(), IoErrorKind::ConnectionRefused | IoErrorKind::NotFound));
+            if refused {
+                anyhow::anyhow!(
+                    "cannot connect to {url}: connection refused; is `tern serve` running? start it with `tern serve`, or point --url (or TERN_URL) at your broker"
+                )
+            } else if let ErrorKind::ProtocolError(amqp) = e.kind() {
+                anyhow::anyhow!(
+                    "cannot connect to {url}: the broker refused ({amqp}); check the user, password and vhost in --url (or TERN_URL)"
+                )
+            } else {
+                anyhow::anyhow!(
+                    "cannot connect to {url}: {e}; check --url (or TERN_URL), e.g. {DEFAULT_AMQP_URL}"
+                )
+            }
+        })
 }
 
 /// An AMQP error on `entity` (`queue "q"`, say) with what it means; a 404
@@ -234,19 +198,4 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("amqp://guest:s3cret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(redact("amqp://host:5672"), "amqp://host:5672");
-        assert_eq!(redact("amqp://user@host"), "amqp://user@host");
-    }
 }

@@ -1,10 +1,11 @@
-//! `tern publish`: a message (or `--count` copies of it, paced by
-//! `--rate`), published mandatory and with publisher confirms, and a report
-//! of what became of it (confirmed, returned as unroutable, or nacked), each
-//! with its own exit code.
+//! `tern publish EXCHANGE ROUTING_KEY [BODY|-]`: a message (or `--count`
+//! copies of it, paced by `--rate`, with a progress bar on a terminal),
+//! published mandatory and with publisher confirms, and a report of what
+//! became of it (confirmed, returned as unroutable, or nacked), each with its
+//! own exit code.
 
 use std::collections::VecDeque;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 
-use crate::operator::{explain, runtime, BrokerUrl};
+use crate::endpoint::Endpoint;
+use crate::operator::{connect, explain, runtime};
+use crate::progress::Progress;
 
 /// Exit code of a message the broker returned as unroutable.
 const EXIT_RETURNED: u8 = 3;
@@ -28,16 +31,31 @@ const IN_FLIGHT: usize = 1024;
 #[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     #[command(flatten)]
-    url: BrokerUrl,
+    url: Endpoint,
 
-    /// The exchange to publish to; "" (the default) is the default
-    /// exchange, which routes to the queue named by the routing key.
-    #[arg(long, short = 'e', default_value = "")]
-    exchange: String,
+    /// The exchange to publish to; "" is the default exchange, which
+    /// routes to the queue named by the routing key. With -e or -k, the
+    /// only positional argument is the body.
+    #[arg(value_name = "EXCHANGE")]
+    exchange_arg: Option<String>,
 
     /// The routing key.
-    #[arg(long, short = 'k', default_value = "")]
-    routing_key: String,
+    #[arg(value_name = "ROUTING_KEY")]
+    routing_key_arg: Option<String>,
+
+    /// The body; `-` or nothing reads it from stdin.
+    #[arg(value_name = "BODY|-")]
+    body_arg: Option<String>,
+
+    /// The exchange, as a flag (then the positional argument is the body);
+    /// "" (the default) is the default exchange.
+    #[arg(long, short = 'e', value_name = "EXCHANGE")]
+    exchange: Option<String>,
+
+    /// The routing key, as a flag (then the positional argument is the
+    /// body).
+    #[arg(long, short = 'k', value_name = "ROUTING_KEY")]
+    routing_key: Option<String>,
 
     /// A header, as KEY=VALUE (a string); repeatable.
     #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
@@ -60,9 +78,49 @@ pub(crate) struct PublishArgs {
     /// the broker confirms).
     #[arg(long, value_name = "PER_SECOND", value_parser = parse_rate)]
     rate: Option<f64>,
+}
 
-    /// The body; `-` reads it from stdin.
-    body: String,
+/// Where a message goes and what it says, from positionals or flags.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    exchange: String,
+    routing_key: String,
+    /// `None`: read stdin.
+    body: Option<String>,
+}
+
+impl PublishArgs {
+    /// `EXCHANGE ROUTING_KEY [BODY|-]`, or with `-e`/`-k` just `[BODY|-]`.
+    fn target(&self) -> anyhow::Result<Target> {
+        let positionals: Vec<&String> = [&self.exchange_arg, &self.routing_key_arg, &self.body_arg]
+            .into_iter()
+            .flatten()
+            .collect();
+        let body = |b: Option<&String>| b.filter(|b| b.as_str() != "-").cloned();
+        if self.exchange.is_some() || self.routing_key.is_some() {
+            if positionals.len() > 1 {
+                bail!(
+                    "with -e/--exchange or -k/--routing-key the only positional argument is the body, but {} were given; write e.g. `tern publish -k my-queue hello`, or `tern publish EXCHANGE ROUTING_KEY BODY` without the flags",
+                    positionals.len()
+                );
+            }
+            return Ok(Target {
+                exchange: self.exchange.clone().unwrap_or_default(),
+                routing_key: self.routing_key.clone().unwrap_or_default(),
+                body: body(positionals.first().copied()),
+            });
+        }
+        match positionals.as_slice() {
+            [exchange, key, rest @ ..] => Ok(Target {
+                exchange: (*exchange).clone(),
+                routing_key: (*key).clone(),
+                body: body(rest.first().copied()),
+            }),
+            _ => bail!(
+                "give the exchange and the routing key: `tern publish EXCHANGE ROUTING_KEY [BODY|-]` (\"\" is the default exchange, e.g. `tern publish \"\" my-queue hello`), or -k ROUTING_KEY [BODY|-]"
+            ),
+        }
+    }
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -112,14 +170,18 @@ impl Tally {
 
 /// Publishes and reports; the exit code says what happened.
 pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let body = if args.body == "-" {
+    let target = args.target()?;
+    let body = if let Some(body) = &target.body {
+        body.clone().into_bytes()
+    } else {
+        if std::io::stdin().is_terminal() {
+            bail!("no body given and stdin is a terminal; give BODY, or pipe it in with `-`");
+        }
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
             .context("reading the body from stdin")?;
         buf
-    } else {
-        args.body.clone().into_bytes()
     };
     let mut headers = FieldTable::default();
     for header in &args.headers {
@@ -141,27 +203,29 @@ pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.persistent {
         properties = properties.with_delivery_mode(2);
     }
-    runtime()?.block_on(publish(&args, &body, properties))
+    runtime()?.block_on(publish(&args, &target, &body, properties))
 }
 
 async fn publish(
     args: &PublishArgs,
+    target: &Target,
     body: &[u8],
     properties: BasicProperties,
 ) -> anyhow::Result<ExitCode> {
-    let conn = args.url.connect().await?;
+    let conn = connect(&args.url).await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .context("enabling publisher confirms")?;
-    let exchange = &args.exchange;
-    let key = &args.routing_key;
+    let exchange = &target.exchange;
+    let key = &target.routing_key;
     let target = format!("exchange {exchange:?} with routing key {key:?}");
     let doing = format!("publishing to {target}");
     let entity = format!("exchange {exchange:?}");
     let started = Instant::now();
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::new();
     let mut tally = Tally::default();
+    let progress = Progress::new(args.count, "publishing");
     for i in 0..args.count {
         if let Some(rate) = args.rate {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
@@ -170,6 +234,7 @@ async fn publish(
         if pending.len() >= IN_FLIGHT {
             if let Some(confirm) = pending.pop_front() {
                 tally.add(confirm.await.map_err(|e| explain(e, &doing, &entity))?);
+                progress.inc();
             }
         }
         let confirm = ch
@@ -189,7 +254,9 @@ async fn publish(
     }
     for confirm in pending {
         tally.add(confirm.await.map_err(|e| explain(e, &doing, &entity))?);
+        progress.inc();
     }
+    progress.finish();
     let elapsed = started.elapsed();
     let _ = conn.close(200, "bye".into()).await;
     if args.count == 1 {
@@ -238,6 +305,59 @@ mod tests {
             let err = parse_rate(bad).unwrap_err();
             assert!(err.contains("--rate 500"), "{bad}: {err}");
         }
+    }
+
+    fn parse(args: &[&str]) -> PublishArgs {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            publish: PublishArgs,
+        }
+        let all = std::iter::once("publish").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(all).unwrap().publish
+    }
+
+    fn target(exchange: &str, key: &str, body: Option<&str>) -> Target {
+        Target {
+            exchange: exchange.into(),
+            routing_key: key.into(),
+            body: body.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn positionals_are_exchange_key_and_body() {
+        assert_eq!(
+            parse(&["orders", "new", "hi"]).target().unwrap(),
+            target("orders", "new", Some("hi"))
+        );
+        assert_eq!(
+            parse(&["", "q", "-"]).target().unwrap(),
+            target("", "q", None)
+        );
+        assert_eq!(parse(&["", "q"]).target().unwrap(), target("", "q", None));
+        let err = parse(&["hi"]).target().unwrap_err().to_string();
+        assert!(err.contains("EXCHANGE ROUTING_KEY"), "{err}");
+    }
+
+    #[test]
+    fn with_the_flags_the_positional_is_the_body() {
+        assert_eq!(
+            parse(&["-k", "q", "hi"]).target().unwrap(),
+            target("", "q", Some("hi"))
+        );
+        assert_eq!(
+            parse(&["-e", "x", "--routing-key", "k"]).target().unwrap(),
+            target("x", "k", None)
+        );
+        let err = parse(&["-k", "q", "a", "b"])
+            .target()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only positional argument is the body"),
+            "{err}"
+        );
     }
 
     #[test]

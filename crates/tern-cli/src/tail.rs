@@ -19,7 +19,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 
-use crate::operator::{emit, explain, message_json, message_text, runtime, BrokerUrl};
+use crate::endpoint::Endpoint;
+use crate::operator::{connect, emit, explain, message_json, message_text, runtime};
 
 /// How many unacknowledged messages `--consume` lets the broker send ahead.
 const PREFETCH: u16 = 100;
@@ -28,7 +29,7 @@ const PREFETCH: u16 = 100;
 #[derive(Debug, Args)]
 pub(crate) struct TailArgs {
     #[command(flatten)]
-    url: BrokerUrl,
+    url: Endpoint,
 
     /// The queue to consume from, or with --exchange the exchange to watch.
     name: String,
@@ -74,7 +75,7 @@ pub(crate) fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn tail(args: &TailArgs) -> anyhow::Result<ExitCode> {
-    let conn = args.url.connect().await?;
+    let conn = connect(&args.url).await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     let name = &args.name;
     let (queue, no_ack) = if args.exchange {

@@ -150,7 +150,7 @@ async fn users_permissions_and_vhosts_are_managed_from_the_command_line() {
         "{err}"
     );
     let err = failed(&tern(&api(&serve, "app", "wrong"), &["vhosts", "list"], b"").await);
-    assert!(err.contains("HTTP 401") && err.contains("--api"), "{err}");
+    assert!(err.contains("HTTP 401") && err.contains("--url"), "{err}");
     assert!(!err.contains("wrong"), "the password is not shown: {err}");
 
     // A new password; the old one stops working.
@@ -220,7 +220,7 @@ async fn a_server_that_is_not_there_and_bad_urls_are_explained() {
     let url = format!("http://guest:s3cret@127.0.0.1:{port}");
     let err = failed(&tern(&url, &["vhosts", "list"], b"").await);
     assert!(
-        err.contains("is `tern serve` running?") && err.contains("TERN_API_URL"),
+        err.contains("is `tern serve` running?") && err.contains("TERN_URL"),
         "{err}"
     );
     assert!(

@@ -2,8 +2,10 @@
 //! serve` on free ports: `publish` (confirmed, returned, stdin, headers and
 //! properties, exit codes), `tail` (an exchange through a temporary queue,
 //! JSON and base64 output, a queue only with `--consume`), `dlq list`
-//! (nothing removed) and `dlq redrive` (broker and toolkit dead letters,
-//! `--to`, `--limit`, none lost, none duplicated), and the errors for a
+//! (nothing removed), `dlq show` (one message in full, by position or
+//! message id, nothing removed) and `dlq redrive` (broker and toolkit dead
+//! letters, `--to`, `--limit`, and killed again and again then re-run:
+//! none lost, none duplicated), and the errors for a
 //! broker that is not there and a queue that does not exist.
 
 #![allow(clippy::unwrap_used)] // a test that fails should panic
@@ -678,57 +680,336 @@ async fn tail_into_a_closed_pipe_ends_quietly() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redrive_killed_midway_loses_nothing() {
-    let b = broker().await;
-    let sent = dead_letter(&b, 30).await;
-    let url = b.url();
-    let mut child = tern(
-        &[
-            "dlq", "redrive", "work.dlq", "--rate", "40/s", "--url", &url,
-        ],
-        &[],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+/// Starts `tern ARGS` (a `dlq redrive`), waits for its first move, waits
+/// `delay` more, and SIGKILLs it, wherever it is in its move; `false` if it
+/// finished before moving anything.
+async fn kill_redrive_midway(args: &[&str], delay: Duration) -> bool {
+    let mut child = tern(args, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let out = child.stdout.take().unwrap();
-    // SIGKILL after the fifth confirmed move, wherever the sixth is.
-    let fifth = tokio::task::spawn_blocking(move || {
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    // Reads on after the first move, so the child never blocks on a full
+    // pipe before the kill.
+    let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(out)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.starts_with("redriven 5/"))
+        let mut first_tx = Some(first_tx);
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("redriven ") {
+                if let Some(tx) = first_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    let moved = tokio::time::timeout(Duration::from_secs(30), first).await;
+    let moved = matches!(moved, Ok(Ok(())));
+    if moved {
+        tokio::time::sleep(delay).await;
+    }
+    let _ = child.kill(); // SIGKILL
+    child.wait().unwrap();
+    reader.join().unwrap();
+    moved
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_killed_at_any_point_and_rerun_moves_every_message_exactly_once() {
+    let b = broker().await;
+    let sent = dead_letter(&b, 60).await;
+    let url = b.url();
+    // Paced runs, killed at staggered moments of a 25 ms move cycle, then
+    // unpaced runs, where nearly all the time is spent inside a move (get,
+    // publish, ack, commit), so the kills land there.
+    let mut kills = 0;
+    for (i, rate) in ["40/s", "40/s", "40/s", "40/s", "1000/s", "1000/s", "1000/s"]
+        .iter()
+        .enumerate()
+    {
+        let delay = Duration::from_micros(3_100 * i as u64);
+        let args = ["dlq", "redrive", "work.dlq", "--url", &url, "--rate", rate];
+        if kill_redrive_midway(&args, delay).await {
+            kills += 1;
+        }
+        // The broker requeues what the killed connection held.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut total = 0;
+        while total < 60 {
+            assert!(Instant::now() < deadline, "messages missing after kill {i}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            total = b.depth("work").await + b.depth("work.dlq").await;
+        }
+        assert_eq!(total, 60, "kill {i} left a message in both queues");
+    }
+    assert!(kills >= 5, "only {kills} runs were killed mid-way");
+    let moved_before = b.depth("work").await;
+    assert!(
+        moved_before > 0 && moved_before < 60,
+        "the kills left {moved_before} moved"
+    );
+    // The same command again finishes the job.
+    let out = b.tern(&["dlq", "redrive", "work.dlq"], b"").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("moved {} messages", 60 - moved_before)),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(b.depth("work.dlq").await, 0);
+    let got = bodies(&b.drain("work").await);
+    assert_eq!(got.len(), 60, "every message arrived exactly once: {got:?}");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), sent);
+    b.stop().await;
+}
+
+/// The same kill-and-rerun against RabbitMQ (when `TERN_TEST_RABBITMQ_URL`
+/// is set), whose transactions the redrive relies on just as on Tern's,
+/// and an unroutable target there: the message is put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redrive_moves_every_message_exactly_once_on_rabbitmq_too() {
+    let Ok(url) = std::env::var("TERN_TEST_RABBITMQ_URL") else {
+        println!("skipped: TERN_TEST_RABBITMQ_URL is not set");
+        return;
+    };
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let prefix = format!("tern-cli-redrive-{}", std::process::id());
+    let (src, dst) = (format!("{prefix}.dlq"), format!("{prefix}.work"));
+    for q in [&src, &dst] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let depth = |q: String| {
+        let ch = ch.clone();
+        async move {
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+        }
+    };
+    let mut sent = BTreeSet::new();
+    for i in 0..40 {
+        let body = format!("job {i}");
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                src.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(confirm, Confirmation::Ack(None));
+        sent.insert(body);
+    }
+    let redrive = [
+        "dlq",
+        "redrive",
+        &src,
+        "--to",
+        "",
+        "--routing-key",
+        &dst,
+        "--url",
+        &url,
+    ];
+    for (i, rate) in ["40/s", "1000/s", "1000/s"].iter().enumerate() {
+        let mut args = redrive.to_vec();
+        args.extend(["--rate", rate]);
+        kill_redrive_midway(&args, Duration::from_micros(2_900 * i as u64)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut total = 0;
+        while total < 40 {
+            assert!(Instant::now() < deadline, "messages missing after kill {i}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            total = depth(src.clone()).await + depth(dst.clone()).await;
+        }
+        assert_eq!(total, 40, "kill {i} left a message in both queues");
+    }
+    let out = tokio::task::spawn_blocking({
+        let args: Vec<String> = redrive.iter().map(|s| s.to_string()).collect();
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, &[], b"")
+        }
     })
     .await
     .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(fifth, "redrive ended before its fifth move");
-    // The broker requeues what the killed connection held.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.depth("work").await + b.depth("work.dlq").await < 30 {
-        assert!(Instant::now() < deadline, "messages missing after the kill");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(depth(src.clone()).await, 0);
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get(dst.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push(String::from_utf8(m.delivery.data).unwrap());
     }
-    let moved = bodies(&b.drain("work").await);
-    let left = bodies(&b.drain("work.dlq").await);
+    assert_eq!(got.len(), 40, "every message arrived exactly once");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), sent);
+
+    // Unroutable: the original goes back to the queue, and the run fails.
+    ch.basic_publish(
+        "".into(),
+        src.as_str().into(),
+        BasicPublishOptions::default(),
+        b"stray",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let nowhere = format!("{prefix}.nowhere");
+    let args = [
+        "dlq",
+        "redrive",
+        &src,
+        "--to",
+        "",
+        "--routing-key",
+        &nowhere,
+        "--url",
+        &url,
+    ];
+    let out = tokio::task::spawn_blocking({
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, &[], b"")
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("put back"), "{}", stderr(&out));
+    assert_eq!(depth(src.clone()).await, 1);
+    for q in [&src, &dst] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_show_prints_one_message_in_full_and_leaves_it() {
+    let b = broker().await;
+    dead_letter(&b, 2).await;
+    b.queue("raw.dlq", FieldTable::default()).await;
+    let headers = FieldTable::from(std::collections::BTreeMap::from([(
+        "tenant".into(),
+        long_string("acme"),
+    )]));
+    b.publish(
+        "",
+        "raw.dlq",
+        b"{\"order\":7,\"items\":[1,2]}",
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_content_type("application/json".into())
+            .with_headers(headers),
+    )
+    .await;
+    b.publish(
+        "",
+        "raw.dlq",
+        b"\xff\x00binary",
+        BasicProperties::default().with_message_id("m-2".into()),
+    )
+    .await;
+
+    // By position (the head by default), with the deaths decoded.
+    let out = b
+        .tern(&["dlq", "show", "work.dlq", "--position", "2"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
     assert!(
-        moved.len() >= 5 && moved.len() < 30,
-        "moved {}",
-        moved.len()
+        text.starts_with("message 2 of queue \"work.dlq\""),
+        "{text}"
     );
-    let all: Vec<String> = moved.iter().chain(&left).cloned().collect();
-    let unique: BTreeSet<String> = all.iter().cloned().collect();
-    assert_eq!(unique, sent, "every message is somewhere");
     assert!(
-        all.len() - unique.len() <= 1,
-        "at most the one in flight is duplicated: {} copies of {}",
-        all.len(),
-        unique.len()
+        text.contains("death 1 of 1: rejected in queue work at 20")
+            && text.contains("from exchange orders with routing keys [\"new\"]"),
+        "{text}"
     );
+    assert!(text.contains("body (7 bytes):\norder 1\n"), "{text}");
+
+    // By message id, with properties, headers and a pretty JSON body.
+    let out = b
+        .tern(&["dlq", "show", "raw.dlq", "--message-id", "m-1"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("  message_id: \"m-1\"\n"), "{text}");
+    assert!(
+        text.contains("  content_type: \"application/json\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("  tenant: \"acme\"\n"), "{text}");
+    assert!(text.contains("deaths: none recorded"), "{text}");
+    assert!(
+        text.contains(
+            "body (JSON, 25 bytes):\n{\n  \"items\": [\n    1,\n    2\n  ],\n  \"order\": 7\n}\n"
+        ),
+        "{text}"
+    );
+    let out = b
+        .tern(
+            &["dlq", "show", "raw.dlq", "--message-id", "m-2", "--json"],
+            b"",
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(m["position"], 2);
+    assert_eq!(m["body_encoding"], "base64");
+    assert_eq!(m["deaths"], serde_json::json!([]));
+
+    // Nothing there: the error says what there is.
+    let out = b
+        .tern(&["dlq", "show", "raw.dlq", "--position", "3"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("holds 2 messages"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b
+        .tern(&["dlq", "show", "raw.dlq", "--message-id", "nope"], b"")
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no message with message-id \"nope\""));
+
+    // Showing took nothing, and kept the order.
+    assert_eq!(b.depth("work.dlq").await, 2);
+    assert_eq!(bodies(&b.drain("work.dlq").await), ["order 0", "order 1"]);
+    assert_eq!(b.depth("raw.dlq").await, 2);
     b.stop().await;
 }
 
