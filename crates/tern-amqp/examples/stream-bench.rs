@@ -1,0 +1,589 @@
+//! Stream throughput in one run: a Tern stream over AMQP 0-9-1, a RabbitMQ
+//! stream queue over AMQP 0-9-1, and a NATS JetStream file-storage stream.
+//!
+//! ```sh
+//! export CARGO_TARGET_DIR=$HOME/.cache/tern-target
+//! cargo run --release -p tern-amqp --example stream-bench -- \
+//!     [--messages N] [--runs R] [--rabbitmq-url URL] [--nats-url URL] [--only tern,rabbitmq,jetstream]
+//! ```
+//!
+//! Tern runs in this process (a `Broker` on a fresh data directory under
+//! the workspace's `target/`, an `AmqpServer` on `127.0.0.1:0`, on their own
+//! two-thread runtime). RabbitMQ is at `--rabbitmq-url` (default
+//! `TERN_TEST_RABBITMQ_URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`),
+//! NATS at `--nats-url` (default `TERN_TEST_NATS_URL`, else
+//! `nats://127.0.0.1:4222`); one that cannot be reached is skipped with a
+//! printed line.
+//!
+//! The same workload on each, per run, each on a fresh stream deleted
+//! afterwards:
+//!
+//! - **publish**: N messages (100,000 by default) of 1 KiB from one
+//!   publisher, with at most 1,000 unconfirmed at a time (AMQP publisher
+//!   confirms; JetStream publish acks). Timed from the first publish to the
+//!   last confirm.
+//! - **consume**: one consumer reads the N messages from the start of the
+//!   stream with at most 1,000 unacked (AMQP `basic.qos` 1,000 and
+//!   `x-stream-offset: first`; a JetStream pull consumer with
+//!   `max_ack_pending` 1,000 and batches of 1,000), acking every 100th
+//!   (AMQP `multiple`; JetStream `AckPolicy::All`). Timed from the consume
+//!   request to the N-th message. Each message's sequence number is checked.
+//!
+//! Durability differs, and the bench cannot make it equal: Tern confirms a
+//! publish only after an fdatasync covers it (group commit); RabbitMQ
+//! streams confirm once written to the file system, without fsync (they
+//! rely on replication); JetStream acks once written and fsyncs every two
+//! minutes by default (`sync_interval`, not settable on 2.9). So Tern does
+//! the most work per confirm.
+//!
+//! With `--runs R` (default 3) the targets take turns R times and the
+//! median of each figure is reported, with the ratios Tern/JetStream and
+//! Tern/RabbitMQ.
+
+use std::collections::VecDeque;
+use std::error::Error;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use bytes::Bytes;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use tern_amqp::AmqpServer;
+use tern_broker::{Broker, BrokerConfig};
+use tokio::sync::{mpsc, Semaphore};
+
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+const BODY_SIZE: usize = 1024;
+/// Unconfirmed publishes in flight, and unacked deliveries, at most.
+const WINDOW: usize = 1000;
+const ACK_EVERY: u64 = 100;
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Tern,
+    RabbitMq,
+    JetStream,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Tern => "tern",
+            Target::RabbitMq => "rabbitmq",
+            Target::JetStream => "jetstream",
+        }
+    }
+}
+
+struct Args {
+    messages: u64,
+    runs: usize,
+    rabbitmq_url: String,
+    nats_url: String,
+    only: Vec<Target>,
+}
+
+fn parse_args() -> Res<Args> {
+    let env_or = |var: &str, default: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let mut args = Args {
+        messages: 100_000,
+        runs: 3,
+        rabbitmq_url: env_or(
+            "TERN_TEST_RABBITMQ_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+        ),
+        nats_url: env_or("TERN_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+        only: vec![Target::Tern, Target::RabbitMq, Target::JetStream],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--messages" => args.messages = value()?.parse()?,
+            "--runs" => args.runs = value()?.parse::<usize>()?.max(1),
+            "--rabbitmq-url" => args.rabbitmq_url = value()?,
+            "--nats-url" => args.nats_url = value()?,
+            "--only" => {
+                args.only = value()?
+                    .split(',')
+                    .map(|t| match t {
+                        "tern" => Ok(Target::Tern),
+                        "rabbitmq" => Ok(Target::RabbitMq),
+                        "jetstream" => Ok(Target::JetStream),
+                        other => Err(format!("unknown target {other:?}")),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: stream-bench [--messages N] [--runs R] [--rabbitmq-url URL] \
+                     [--nats-url URL] [--only tern,rabbitmq,jetstream]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    Ok(args)
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn body(seq: u64) -> Vec<u8> {
+    let mut b = vec![b'x'; BODY_SIZE];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b
+}
+
+fn seq_of(data: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(data.get(..8)?.try_into().ok()?))
+}
+
+/// The in-process Tern, on its own runtime and threads.
+struct Tern {
+    url: String,
+    broker: Broker,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Res<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Tern {
+    fn start() -> Res<Tern> {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+        std::fs::create_dir_all(&target)?;
+        let dir = tempfile::Builder::new()
+            .prefix("stream-bench-")
+            .tempdir_in(target)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(String, Broker), String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let data_dir = dir.path().to_path_buf();
+        let thread =
+            std::thread::Builder::new()
+                .name("tern-main".into())
+                .spawn(move || -> Res<()> {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .thread_name("tern-server")
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let started = async {
+                            let broker = Broker::open(BrokerConfig::new(&data_dir))?;
+                            let server =
+                                AmqpServer::bind("127.0.0.1:0".parse()?, broker.clone()).await?;
+                            Ok::<_, Box<dyn Error + Send + Sync>>((broker, server))
+                        }
+                        .await;
+                        let (broker, server) = match started {
+                            Ok(v) => v,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e.to_string()));
+                                return Err(e);
+                            }
+                        };
+                        let url = format!(
+                            "amqp://guest:guest@127.0.0.1:{}/%2f",
+                            server.local_addr().port()
+                        );
+                        let _ = ready_tx.send(Ok((url, broker.clone())));
+                        let _ = stop_rx.await;
+                        server.shutdown().await;
+                        broker.close()?;
+                        Ok(())
+                    })
+                })?;
+        let (url, broker) = ready_rx.recv()??;
+        Ok(Tern {
+            url,
+            broker,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        })
+    }
+
+    fn fsyncs(&self) -> u64 {
+        self.broker.journal_stats().map_or(0, |s| s.commits)
+    }
+
+    fn stop(mut self) -> Res<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().map_err(|_| "the Tern thread panicked")??;
+        }
+        Ok(())
+    }
+}
+
+// --------------------------------------------------------------- AMQP side
+
+async fn amqp_connect(url: &str) -> Res<Connection> {
+    Ok(tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| format!("connecting to {url} timed out"))??)
+}
+
+async fn declare_amqp_stream(conn: &Connection, queue: &str) -> Res<()> {
+    let ch = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("stream")),
+    );
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await?;
+    ch.close(200, "declared".into()).await?;
+    Ok(())
+}
+
+async fn delete_amqp_stream(url: &str, queue: &str) -> Res<()> {
+    let conn = amqp_connect(url).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    conn.close(200, "deleted".into()).await?;
+    Ok(())
+}
+
+/// Publishes `count` persistent messages with confirms, at most `WINDOW`
+/// unconfirmed; returns the time to the last confirm.
+async fn amqp_publish(url: &str, queue: &str, count: u64) -> Res<Duration> {
+    let conn = amqp_connect(url).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let (tx, mut rx) =
+        mpsc::unbounded_channel::<(lapin::PublisherConfirm, tokio::sync::OwnedSemaphorePermit)>();
+    let waiter = tokio::spawn(async move {
+        let mut nacks = 0u64;
+        while let Some((confirm, permit)) = rx.recv().await {
+            if !matches!(confirm.await?, Confirmation::Ack(_)) {
+                nacks += 1;
+            }
+            drop(permit);
+        }
+        Ok::<_, lapin::Error>(nacks)
+    });
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let start = Instant::now();
+    for seq in 0..count {
+        let permit = window.clone().acquire_owned().await?;
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body(seq),
+                props.clone(),
+            )
+            .await?;
+        tx.send((confirm, permit))
+            .map_err(|_| "the confirm waiter stopped")?;
+    }
+    drop(tx);
+    let nacks = waiter.await??;
+    let took = start.elapsed();
+    if nacks > 0 {
+        return Err(format!("{nacks} publishes were nacked").into());
+    }
+    conn.close(200, "published".into()).await?;
+    Ok(took)
+}
+
+/// Reads `count` messages from the start of the stream with prefetch
+/// `WINDOW`, acking every `ACK_EVERY`-th with `multiple`.
+async fn amqp_consume(url: &str, queue: &str, count: u64) -> Res<Duration> {
+    let conn = amqp_connect(url).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(WINDOW as u16, BasicQosOptions::default())
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString(LongString::from("first")),
+    );
+    let start = Instant::now();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "stream-bench".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    let mut seen = 0u64;
+    while seen < count {
+        let d = consumer.next().await.ok_or("the consumer ended")??;
+        if seq_of(&d.data) != Some(seen) {
+            return Err(format!("message {seen} came as {:?}", seq_of(&d.data)).into());
+        }
+        seen += 1;
+        if seen % ACK_EVERY == 0 || seen == count {
+            d.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+    }
+    let took = start.elapsed();
+    conn.close(200, "consumed".into()).await?;
+    Ok(took)
+}
+
+// ---------------------------------------------------------- JetStream side
+
+/// Publishes `count` messages, at most `WINDOW` without their ack; returns
+/// the time to the last ack.
+async fn nats_publish(js: &jetstream::Context, subject: &str, count: u64) -> Res<Duration> {
+    let mut pending = VecDeque::with_capacity(WINDOW);
+    let start = Instant::now();
+    for seq in 0..count {
+        if pending.len() >= WINDOW {
+            let ack: jetstream::context::PublishAckFuture =
+                pending.pop_front().ok_or("no pending publish")?;
+            ack.await?;
+        }
+        pending.push_back(
+            js.publish(subject.to_string(), Bytes::from(body(seq)))
+                .await?,
+        );
+    }
+    for ack in pending {
+        ack.await?;
+    }
+    Ok(start.elapsed())
+}
+
+async fn nats_consume(stream: &jetstream::stream::Stream, count: u64) -> Res<Duration> {
+    let start = Instant::now();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::All,
+            max_ack_pending: WINDOW as i64,
+            ..pull::Config::default()
+        })
+        .await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(WINDOW)
+        .messages()
+        .await?;
+    let mut seen = 0u64;
+    while seen < count {
+        let m = messages.next().await.ok_or("the pull consumer ended")??;
+        if seq_of(&m.payload) != Some(seen) {
+            return Err(format!("message {seen} came as {:?}", seq_of(&m.payload)).into());
+        }
+        seen += 1;
+        if seen % ACK_EVERY == 0 || seen == count {
+            m.ack().await?;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+// --------------------------------------------------------------- the runs
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    publish: Duration,
+    consume: Duration,
+}
+
+async fn run_amqp(url: &str, count: u64, label: &str) -> Res<Figures> {
+    let queue = format!(
+        "stream-bench-{}-{}-{label}",
+        std::process::id(),
+        unix_nanos()
+    );
+    let conn = amqp_connect(url).await?;
+    declare_amqp_stream(&conn, &queue).await?;
+    conn.close(200, "ready".into()).await?;
+    let outcome = async {
+        let publish = tokio::time::timeout(PHASE_TIMEOUT, amqp_publish(url, &queue, count))
+            .await
+            .map_err(|_| "publishing timed out")??;
+        let consume = tokio::time::timeout(PHASE_TIMEOUT, amqp_consume(url, &queue, count))
+            .await
+            .map_err(|_| "consuming timed out")??;
+        Ok::<_, Box<dyn Error + Send + Sync>>(Figures { publish, consume })
+    }
+    .await;
+    delete_amqp_stream(url, &queue).await?;
+    outcome
+}
+
+async fn run_jetstream(url: &str, count: u64) -> Res<Figures> {
+    let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+        .await
+        .map_err(|_| format!("connecting to {url} timed out"))??;
+    let js = jetstream::new(client);
+    let name = format!("STREAM_BENCH_{}_{}", std::process::id(), unix_nanos());
+    let subject = format!("stream-bench.{name}");
+    let stream = js
+        .create_stream(StreamConfig {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: StorageType::File,
+            ..StreamConfig::default()
+        })
+        .await?;
+    let outcome = async {
+        let publish = tokio::time::timeout(PHASE_TIMEOUT, nats_publish(&js, &subject, count))
+            .await
+            .map_err(|_| "publishing timed out")??;
+        let consume = tokio::time::timeout(PHASE_TIMEOUT, nats_consume(&stream, count))
+            .await
+            .map_err(|_| "consuming timed out")??;
+        Ok::<_, Box<dyn Error + Send + Sync>>(Figures { publish, consume })
+    }
+    .await;
+    js.delete_stream(&name).await?;
+    outcome
+}
+
+fn rate(count: u64, d: Duration) -> f64 {
+    count as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn mib_s(count: u64, d: Duration) -> f64 {
+    rate(count, d) * BODY_SIZE as f64 / (1024.0 * 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Res<()> {
+    let args = parse_args()?;
+    let n = args.messages;
+    println!(
+        "stream-bench: {n} messages of {BODY_SIZE} B, window {WINDOW}, ack every {ACK_EVERY}, \
+         {} run(s) per target, targets in turn",
+        args.runs
+    );
+    let tern = if args.only.contains(&Target::Tern) {
+        Some(Tern::start()?)
+    } else {
+        None
+    };
+    let mut results: Vec<(Target, Vec<Figures>)> =
+        args.only.iter().map(|t| (*t, Vec::new())).collect();
+    let mut skipped: Vec<Target> = Vec::new();
+    for run in 1..=args.runs {
+        for (target, figures) in results.iter_mut() {
+            if skipped.contains(target) {
+                continue;
+            }
+            let fsyncs_before = tern.as_ref().map_or(0, Tern::fsyncs);
+            let outcome = match target {
+                Target::Tern => match &tern {
+                    Some(t) => run_amqp(&t.url, n, "tern").await,
+                    None => continue,
+                },
+                Target::RabbitMq => run_amqp(&args.rabbitmq_url, n, "rabbitmq").await,
+                Target::JetStream => run_jetstream(&args.nats_url, n).await,
+            };
+            match outcome {
+                Ok(f) => {
+                    let extra = match (*target, &tern) {
+                        (Target::Tern, Some(t)) => {
+                            let fsyncs = t.fsyncs().saturating_sub(fsyncs_before);
+                            format!(
+                                " ({fsyncs} fsyncs, {:.0} messages per fsync)",
+                                n as f64 / fsyncs.max(1) as f64
+                            )
+                        }
+                        _ => String::new(),
+                    };
+                    println!(
+                        "run {run} {:<9} publish {:>9.0} msg/s {:>7.1} MiB/s | consume {:>9.0} msg/s {:>7.1} MiB/s{extra}",
+                        target.label(),
+                        rate(n, f.publish),
+                        mib_s(n, f.publish),
+                        rate(n, f.consume),
+                        mib_s(n, f.consume),
+                    );
+                    figures.push(f);
+                }
+                Err(e) => {
+                    println!("{} skipped: {e}", target.label());
+                    skipped.push(*target);
+                }
+            }
+        }
+    }
+    if let Some(t) = tern {
+        t.stop()?;
+    }
+
+    let med = |target: Target| -> Option<(f64, f64)> {
+        let (_, f) = results
+            .iter()
+            .find(|(t, f)| *t == target && !f.is_empty())?;
+        Some((
+            median(f.iter().map(|f| rate(n, f.publish)).collect()),
+            median(f.iter().map(|f| rate(n, f.consume)).collect()),
+        ))
+    };
+    println!();
+    println!("| target | publish msg/s | publish MiB/s | consume msg/s | consume MiB/s |");
+    println!("|---|---|---|---|---|");
+    for target in [Target::Tern, Target::RabbitMq, Target::JetStream] {
+        if let Some((p, c)) = med(target) {
+            let mib = BODY_SIZE as f64 / (1024.0 * 1024.0);
+            println!(
+                "| {} | {p:.0} | {:.1} | {c:.0} | {:.1} |",
+                target.label(),
+                p * mib,
+                c * mib
+            );
+        }
+    }
+    if let Some((tp, tc)) = med(Target::Tern) {
+        for other in [Target::JetStream, Target::RabbitMq] {
+            if let Some((op, oc)) = med(other) {
+                println!(
+                    "Tern/{}: publish {:.2}x, consume {:.2}x",
+                    other.label(),
+                    tp / op,
+                    tc / oc
+                );
+            }
+        }
+    }
+    Ok(())
+}
