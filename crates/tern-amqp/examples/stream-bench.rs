@@ -4,7 +4,8 @@
 //! ```sh
 //! export CARGO_TARGET_DIR=$HOME/.cache/tern-target
 //! cargo run --release -p tern-amqp --example stream-bench -- \
-//!     [--messages N] [--runs R] [--rabbitmq-url URL] [--nats-url URL] [--only tern,rabbitmq,jetstream]
+//!     [--messages N] [--runs R] [--publishers K] [--rabbitmq-url URL] [--nats-url URL] \
+//!     [--only tern,rabbitmq,jetstream]
 //! ```
 //!
 //! Tern runs in this process (a `Broker` on a fresh data directory under
@@ -21,13 +22,15 @@
 //! - **publish**: N messages (100,000 by default) of 1 KiB from one
 //!   publisher, with at most 1,000 unconfirmed at a time (AMQP publisher
 //!   confirms; JetStream publish acks). Timed from the first publish to the
-//!   last confirm.
+//!   last confirm. `--publishers K` splits the messages and the window
+//!   over K publishers, each on its own connection (on every target).
 //! - **consume**: one consumer reads the N messages from the start of the
 //!   stream with at most 1,000 unacked (AMQP `basic.qos` 1,000 and
 //!   `x-stream-offset: first`; a JetStream pull consumer with
 //!   `max_ack_pending` 1,000 and batches of 1,000), acking every 100th
 //!   (AMQP `multiple`; JetStream `AckPolicy::All`). Timed from the consume
-//!   request to the N-th message. Each message's sequence number is checked.
+//!   request to the N-th message. Each message's place in its publisher's
+//!   sequence is checked.
 //!
 //! Durability differs, and the bench cannot make it equal: Tern confirms a
 //! publish only after an fdatasync covers it (group commit); RabbitMQ
@@ -89,6 +92,7 @@ impl Target {
 struct Args {
     messages: u64,
     runs: usize,
+    publishers: usize,
     rabbitmq_url: String,
     nats_url: String,
     only: Vec<Target>,
@@ -104,6 +108,7 @@ fn parse_args() -> Res<Args> {
     let mut args = Args {
         messages: 100_000,
         runs: 3,
+        publishers: 1,
         rabbitmq_url: env_or(
             "TERN_TEST_RABBITMQ_URL",
             "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -117,6 +122,7 @@ fn parse_args() -> Res<Args> {
         match a.as_str() {
             "--messages" => args.messages = value()?.parse()?,
             "--runs" => args.runs = value()?.parse::<usize>()?.max(1),
+            "--publishers" => args.publishers = value()?.parse::<usize>()?.clamp(1, WINDOW),
             "--rabbitmq-url" => args.rabbitmq_url = value()?,
             "--nats-url" => args.nats_url = value()?,
             "--only" => {
@@ -132,8 +138,8 @@ fn parse_args() -> Res<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: stream-bench [--messages N] [--runs R] [--rabbitmq-url URL] \
-                     [--nats-url URL] [--only tern,rabbitmq,jetstream]"
+                    "usage: stream-bench [--messages N] [--runs R] [--publishers K] \
+                     [--rabbitmq-url URL] [--nats-url URL] [--only tern,rabbitmq,jetstream]"
                 );
                 std::process::exit(0);
             }
@@ -149,14 +155,53 @@ fn unix_nanos() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-fn body(seq: u64) -> Vec<u8> {
+/// A body numbered by its publisher and its place in that publisher's sequence.
+fn body(publisher: usize, seq: u64) -> Vec<u8> {
     let mut b = vec![b'x'; BODY_SIZE];
     b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&(publisher as u64).to_le_bytes());
     b
 }
 
-fn seq_of(data: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(data.get(..8)?.try_into().ok()?))
+/// Checks that each publisher's messages arrive complete and in order.
+struct Order {
+    next: Vec<u64>,
+}
+
+impl Order {
+    fn new(publishers: usize) -> Order {
+        Order {
+            next: vec![0; publishers],
+        }
+    }
+
+    fn check(&mut self, data: &[u8]) -> Res<()> {
+        let field = |r: std::ops::Range<usize>| -> Option<u64> {
+            Some(u64::from_le_bytes(data.get(r)?.try_into().ok()?))
+        };
+        let (seq, publisher) = (field(0..8), field(8..16));
+        let expected = publisher
+            .and_then(|p| usize::try_from(p).ok())
+            .and_then(|p| self.next.get_mut(p));
+        match (expected, seq) {
+            (Some(next), Some(seq)) if *next == seq => {
+                *next += 1;
+                Ok(())
+            }
+            _ => Err(format!("out of order: publisher {publisher:?} message {seq:?}").into()),
+        }
+    }
+}
+
+/// Splits `count` messages and the window over `publishers`.
+fn shares(count: u64, publishers: usize) -> Vec<(usize, u64, usize)> {
+    let k = publishers as u64;
+    (0..publishers)
+        .map(|p| {
+            let n = count / k + u64::from((p as u64) < count % k);
+            (p, n, (WINDOW / publishers).max(1))
+        })
+        .collect()
 }
 
 /// The in-process Tern, on its own runtime and threads.
@@ -278,13 +323,44 @@ async fn delete_amqp_stream(url: &str, queue: &str) -> Res<()> {
     Ok(())
 }
 
-/// Publishes `count` persistent messages with confirms, at most `WINDOW`
-/// unconfirmed; returns the time to the last confirm.
-async fn amqp_publish(url: &str, queue: &str, count: u64) -> Res<Duration> {
-    let conn = amqp_connect(url).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let window = Arc::new(Semaphore::new(WINDOW));
+/// Publishes with `publishers` connections, each its share of `count`
+/// persistent messages with confirms and its share of the window; returns
+/// the time from the start to the last confirm.
+async fn amqp_publish(url: &str, queue: &str, count: u64, publishers: usize) -> Res<Duration> {
+    let mut channels = Vec::new();
+    for _ in 0..publishers {
+        let conn = amqp_connect(url).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        channels.push((conn, ch));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for ((conn, ch), (p, n, window)) in channels.into_iter().zip(shares(count, publishers)) {
+        let queue = queue.to_string();
+        tasks.push(tokio::spawn(async move {
+            let end = amqp_publisher(&ch, &queue, p, n, window).await?;
+            conn.close(200, "published".into()).await?;
+            Ok::<_, Box<dyn Error + Send + Sync>>(end)
+        }));
+    }
+    let mut last = start;
+    for t in tasks {
+        last = last.max(t.await??);
+    }
+    Ok(last - start)
+}
+
+/// One publisher: `count` messages, at most `window` unconfirmed; returns
+/// when the last confirm came.
+async fn amqp_publisher(
+    ch: &lapin::Channel,
+    queue: &str,
+    publisher: usize,
+    count: u64,
+    window: usize,
+) -> Res<Instant> {
+    let window = Arc::new(Semaphore::new(window));
     let (tx, mut rx) =
         mpsc::unbounded_channel::<(lapin::PublisherConfirm, tokio::sync::OwnedSemaphorePermit)>();
     let waiter = tokio::spawn(async move {
@@ -298,7 +374,6 @@ async fn amqp_publish(url: &str, queue: &str, count: u64) -> Res<Duration> {
         Ok::<_, lapin::Error>(nacks)
     });
     let props = BasicProperties::default().with_delivery_mode(2);
-    let start = Instant::now();
     for seq in 0..count {
         let permit = window.clone().acquire_owned().await?;
         let confirm = ch
@@ -306,7 +381,7 @@ async fn amqp_publish(url: &str, queue: &str, count: u64) -> Res<Duration> {
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                &body(seq),
+                &body(publisher, seq),
                 props.clone(),
             )
             .await?;
@@ -315,17 +390,16 @@ async fn amqp_publish(url: &str, queue: &str, count: u64) -> Res<Duration> {
     }
     drop(tx);
     let nacks = waiter.await??;
-    let took = start.elapsed();
+    let end = Instant::now();
     if nacks > 0 {
         return Err(format!("{nacks} publishes were nacked").into());
     }
-    conn.close(200, "published".into()).await?;
-    Ok(took)
+    Ok(end)
 }
 
 /// Reads `count` messages from the start of the stream with prefetch
 /// `WINDOW`, acking every `ACK_EVERY`-th with `multiple`.
-async fn amqp_consume(url: &str, queue: &str, count: u64) -> Res<Duration> {
+async fn amqp_consume(url: &str, queue: &str, count: u64, publishers: usize) -> Res<Duration> {
     let conn = amqp_connect(url).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(WINDOW as u16, BasicQosOptions::default())
@@ -344,12 +418,11 @@ async fn amqp_consume(url: &str, queue: &str, count: u64) -> Res<Duration> {
             args,
         )
         .await?;
+    let mut order = Order::new(publishers);
     let mut seen = 0u64;
     while seen < count {
         let d = consumer.next().await.ok_or("the consumer ended")??;
-        if seq_of(&d.data) != Some(seen) {
-            return Err(format!("message {seen} came as {:?}", seq_of(&d.data)).into());
-        }
+        order.check(&d.data)?;
         seen += 1;
         if seen % ACK_EVERY == 0 || seen == count {
             d.acker.ack(BasicAckOptions { multiple: true }).await?;
@@ -362,29 +435,69 @@ async fn amqp_consume(url: &str, queue: &str, count: u64) -> Res<Duration> {
 
 // ---------------------------------------------------------- JetStream side
 
-/// Publishes `count` messages, at most `WINDOW` without their ack; returns
-/// the time to the last ack.
-async fn nats_publish(js: &jetstream::Context, subject: &str, count: u64) -> Res<Duration> {
-    let mut pending = VecDeque::with_capacity(WINDOW);
+/// Publishes with `publishers` connections (as the AMQP side does), each
+/// its share of `count` messages and of the window; returns the time from
+/// the start to the last ack.
+async fn nats_publish(url: &str, subject: &str, count: u64, publishers: usize) -> Res<Duration> {
+    let mut contexts = Vec::new();
+    for _ in 0..publishers {
+        contexts.push(jetstream::new(nats_connect(url).await?));
+    }
     let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (js, (p, n, window)) in contexts.into_iter().zip(shares(count, publishers)) {
+        let subject = subject.to_string();
+        tasks.push(tokio::spawn(async move {
+            nats_publisher(&js, &subject, p, n, window).await
+        }));
+    }
+    let mut last = start;
+    for t in tasks {
+        last = last.max(t.await??);
+    }
+    Ok(last - start)
+}
+
+async fn nats_connect(url: &str) -> Res<async_nats::Client> {
+    Ok(
+        tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+            .await
+            .map_err(|_| format!("connecting to {url} timed out"))??,
+    )
+}
+
+/// One publisher: `count` messages, at most `window` without their ack;
+/// returns when the last ack came.
+async fn nats_publisher(
+    js: &jetstream::Context,
+    subject: &str,
+    publisher: usize,
+    count: u64,
+    window: usize,
+) -> Res<Instant> {
+    let mut pending = VecDeque::with_capacity(window);
     for seq in 0..count {
-        if pending.len() >= WINDOW {
+        if pending.len() >= window {
             let ack: jetstream::context::PublishAckFuture =
                 pending.pop_front().ok_or("no pending publish")?;
             ack.await?;
         }
         pending.push_back(
-            js.publish(subject.to_string(), Bytes::from(body(seq)))
+            js.publish(subject.to_string(), Bytes::from(body(publisher, seq)))
                 .await?,
         );
     }
     for ack in pending {
         ack.await?;
     }
-    Ok(start.elapsed())
+    Ok(Instant::now())
 }
 
-async fn nats_consume(stream: &jetstream::stream::Stream, count: u64) -> Res<Duration> {
+async fn nats_consume(
+    stream: &jetstream::stream::Stream,
+    count: u64,
+    publishers: usize,
+) -> Res<Duration> {
     let start = Instant::now();
     let consumer = stream
         .create_consumer(pull::Config {
@@ -399,12 +512,11 @@ async fn nats_consume(stream: &jetstream::stream::Stream, count: u64) -> Res<Dur
         .max_messages_per_batch(WINDOW)
         .messages()
         .await?;
+    let mut order = Order::new(publishers);
     let mut seen = 0u64;
     while seen < count {
         let m = messages.next().await.ok_or("the pull consumer ended")??;
-        if seq_of(&m.payload) != Some(seen) {
-            return Err(format!("message {seen} came as {:?}", seq_of(&m.payload)).into());
-        }
+        order.check(&m.payload)?;
         seen += 1;
         if seen % ACK_EVERY == 0 || seen == count {
             m.ack().await?;
@@ -421,7 +533,7 @@ struct Figures {
     consume: Duration,
 }
 
-async fn run_amqp(url: &str, count: u64, label: &str) -> Res<Figures> {
+async fn run_amqp(url: &str, count: u64, publishers: usize, label: &str) -> Res<Figures> {
     let queue = format!(
         "stream-bench-{}-{}-{label}",
         std::process::id(),
@@ -431,10 +543,12 @@ async fn run_amqp(url: &str, count: u64, label: &str) -> Res<Figures> {
     declare_amqp_stream(&conn, &queue).await?;
     conn.close(200, "ready".into()).await?;
     let outcome = async {
-        let publish = tokio::time::timeout(PHASE_TIMEOUT, amqp_publish(url, &queue, count))
+        let publish = amqp_publish(url, &queue, count, publishers);
+        let publish = tokio::time::timeout(PHASE_TIMEOUT, publish)
             .await
             .map_err(|_| "publishing timed out")??;
-        let consume = tokio::time::timeout(PHASE_TIMEOUT, amqp_consume(url, &queue, count))
+        let consume = amqp_consume(url, &queue, count, publishers);
+        let consume = tokio::time::timeout(PHASE_TIMEOUT, consume)
             .await
             .map_err(|_| "consuming timed out")??;
         Ok::<_, Box<dyn Error + Send + Sync>>(Figures { publish, consume })
@@ -444,11 +558,8 @@ async fn run_amqp(url: &str, count: u64, label: &str) -> Res<Figures> {
     outcome
 }
 
-async fn run_jetstream(url: &str, count: u64) -> Res<Figures> {
-    let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
-        .await
-        .map_err(|_| format!("connecting to {url} timed out"))??;
-    let js = jetstream::new(client);
+async fn run_jetstream(url: &str, count: u64, publishers: usize) -> Res<Figures> {
+    let js = jetstream::new(nats_connect(url).await?);
     let name = format!("STREAM_BENCH_{}_{}", std::process::id(), unix_nanos());
     let subject = format!("stream-bench.{name}");
     let stream = js
@@ -460,10 +571,12 @@ async fn run_jetstream(url: &str, count: u64) -> Res<Figures> {
         })
         .await?;
     let outcome = async {
-        let publish = tokio::time::timeout(PHASE_TIMEOUT, nats_publish(&js, &subject, count))
+        let publish = nats_publish(url, &subject, count, publishers);
+        let publish = tokio::time::timeout(PHASE_TIMEOUT, publish)
             .await
             .map_err(|_| "publishing timed out")??;
-        let consume = tokio::time::timeout(PHASE_TIMEOUT, nats_consume(&stream, count))
+        let consume = nats_consume(&stream, count, publishers);
+        let consume = tokio::time::timeout(PHASE_TIMEOUT, consume)
             .await
             .map_err(|_| "consuming timed out")??;
         Ok::<_, Box<dyn Error + Send + Sync>>(Figures { publish, consume })
@@ -489,10 +602,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
     let args = parse_args()?;
-    let n = args.messages;
+    let (n, k) = (args.messages, args.publishers);
     println!(
-        "stream-bench: {n} messages of {BODY_SIZE} B, window {WINDOW}, ack every {ACK_EVERY}, \
-         {} run(s) per target, targets in turn",
+        "stream-bench: {n} messages of {BODY_SIZE} B, {k} publisher(s) sharing a window of \
+         {WINDOW}, prefetch {WINDOW}, ack every {ACK_EVERY}, {} run(s) per target, targets in turn",
         args.runs
     );
     let tern = if args.only.contains(&Target::Tern) {
@@ -511,11 +624,11 @@ async fn main() -> Res<()> {
             let fsyncs_before = tern.as_ref().map_or(0, Tern::fsyncs);
             let outcome = match target {
                 Target::Tern => match &tern {
-                    Some(t) => run_amqp(&t.url, n, "tern").await,
+                    Some(t) => run_amqp(&t.url, n, k, "tern").await,
                     None => continue,
                 },
-                Target::RabbitMq => run_amqp(&args.rabbitmq_url, n, "rabbitmq").await,
-                Target::JetStream => run_jetstream(&args.nats_url, n).await,
+                Target::RabbitMq => run_amqp(&args.rabbitmq_url, n, k, "rabbitmq").await,
+                Target::JetStream => run_jetstream(&args.nats_url, n, k).await,
             };
             match outcome {
                 Ok(f) => {
