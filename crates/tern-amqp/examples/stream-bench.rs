@@ -424,7 +424,7 @@ async fn amqp_consume(url: &str, queue: &str, count: u64, publishers: usize) -> 
         let d = consumer.next().await.ok_or("the consumer ended")??;
         order.check(&d.data)?;
         seen += 1;
-        if seen % ACK_EVERY == 0 || seen == count {
+        if seen.is_multiple_of(ACK_EVERY) || seen == count {
             d.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
     }
@@ -518,7 +518,7 @@ async fn nats_consume(
         let m = messages.next().await.ok_or("the pull consumer ended")??;
         order.check(&m.payload)?;
         seen += 1;
-        if seen % ACK_EVERY == 0 || seen == count {
+        if seen.is_multiple_of(ACK_EVERY) || seen == count {
             m.ack().await?;
         }
     }

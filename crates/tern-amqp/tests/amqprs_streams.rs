@@ -282,7 +282,7 @@ async fn amqprs_consumes_a_stream_from_every_offset_spec() {
         default.nothing_more().await;
         publish_all(&conn, &name, &["m5"]).await;
         for c in [&mut next, &mut default] {
-            assert_eq!(c.read_acking(&t.label, 1).await, ms(&["m5"]), "{}", t.label);
+            assert_eq!(c.read_acking(t.label, 1).await, ms(&["m5"]), "{}", t.label);
         }
         close(conn).await;
     })
@@ -334,7 +334,7 @@ async fn amqprs_stream_credit_is_the_prefetch_and_acks_give_it_back() {
             StreamConsumer::attach(&conn, &name, 100, &[("x-stream-offset", FieldValue::l(5))])
                 .await;
         assert_eq!(
-            other.read_acking(&t.label, 3).await,
+            other.read_acking(t.label, 3).await,
             ms(&["m5", "m6", "m7"]),
             "{}",
             t.label
