@@ -93,6 +93,7 @@ struct Args {
     messages: u64,
     runs: usize,
     publishers: usize,
+    raw_publisher: bool,
     rabbitmq_url: String,
     nats_url: String,
     only: Vec<Target>,
@@ -109,6 +110,7 @@ fn parse_args() -> Res<Args> {
         messages: 100_000,
         runs: 3,
         publishers: 1,
+        raw_publisher: false,
         rabbitmq_url: env_or(
             "TERN_TEST_RABBITMQ_URL",
             "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -123,6 +125,7 @@ fn parse_args() -> Res<Args> {
             "--messages" => args.messages = value()?.parse()?,
             "--runs" => args.runs = value()?.parse::<usize>()?.max(1),
             "--publishers" => args.publishers = value()?.parse::<usize>()?.clamp(1, WINDOW),
+            "--raw-publisher" => args.raw_publisher = true,
             "--rabbitmq-url" => args.rabbitmq_url = value()?,
             "--nats-url" => args.nats_url = value()?,
             "--only" => {
@@ -139,7 +142,8 @@ fn parse_args() -> Res<Args> {
             "-h" | "--help" => {
                 println!(
                     "usage: stream-bench [--messages N] [--runs R] [--publishers K] \
-                     [--rabbitmq-url URL] [--nats-url URL] [--only tern,rabbitmq,jetstream]"
+                     [--raw-publisher] [--rabbitmq-url URL] [--nats-url URL] \
+                     [--only tern,rabbitmq,jetstream]"
                 );
                 std::process::exit(0);
             }
@@ -326,7 +330,16 @@ async fn delete_amqp_stream(url: &str, queue: &str) -> Res<()> {
 /// Publishes with `publishers` connections, each its share of `count`
 /// persistent messages with confirms and its share of the window; returns
 /// the time from the start to the last confirm.
-async fn amqp_publish(url: &str, queue: &str, count: u64, publishers: usize) -> Res<Duration> {
+async fn amqp_publish(
+    url: &str,
+    queue: &str,
+    count: u64,
+    publishers: usize,
+    raw: bool,
+) -> Res<Duration> {
+    if raw {
+        return raw::publish(url, queue, count, publishers).await;
+    }
     let mut channels = Vec::new();
     for _ in 0..publishers {
         let conn = amqp_connect(url).await?;
@@ -433,6 +446,309 @@ async fn amqp_consume(url: &str, queue: &str, count: u64, publishers: usize) -> 
     Ok(took)
 }
 
+// ------------------------------------------- a raw, batching AMQP publisher
+
+/// A publisher that writes AMQP frames itself, many publishes per write
+/// (as async-nats does on the JetStream side), to measure the broker
+/// rather than lapin's one write and one wake-up per message.
+mod raw {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use amq_protocol::frame::{gen_frame, parse_frame, AMQPContentHeader, AMQPFrame, WriteContext};
+    use amq_protocol::protocol::{basic, channel, confirm, connection, AMQPClass, BasicProperties};
+    use amq_protocol::types::{FieldTable, LongString};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::net::TcpStream;
+    use tokio::sync::Semaphore;
+
+    use super::{body, shares, Res};
+
+    /// Publishes written per `write` at most.
+    const BATCH: usize = 64;
+
+    struct Reader {
+        rd: OwnedReadHalf,
+        buf: Vec<u8>,
+    }
+
+    impl Reader {
+        async fn method(&mut self) -> Res<(u16, AMQPClass)> {
+            loop {
+                match parse_frame(&self.buf[..]) {
+                    Ok((rest, frame)) => {
+                        let used = self.buf.len() - rest.len();
+                        self.buf.drain(..used);
+                        match frame {
+                            AMQPFrame::Method(ch, m) => return Ok((ch, m)),
+                            AMQPFrame::Heartbeat => continue,
+                            other => return Err(format!("unexpected frame {other:?}").into()),
+                        }
+                    }
+                    Err(e) if e.is_incomplete() => {}
+                    Err(e) => return Err(format!("bad frame from the broker: {e:?}").into()),
+                }
+                let mut chunk = [0u8; 16384];
+                let n = self.rd.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err("the broker closed the connection".into());
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+
+    fn encode(buf: &mut Vec<u8>, frame: &AMQPFrame) -> Res<()> {
+        let ctx = gen_frame(frame)(WriteContext::from(std::mem::take(buf)))
+            .map_err(|e| format!("encoding a frame: {e:?}"))?;
+        *buf = ctx.write;
+        Ok(())
+    }
+
+    async fn send(wr: &mut OwnedWriteHalf, channel: u16, method: AMQPClass) -> Res<()> {
+        let mut buf = Vec::new();
+        encode(&mut buf, &AMQPFrame::Method(channel, method))?;
+        wr.write_all(&buf).await?;
+        Ok(())
+    }
+
+    /// `amqp://user:password@host:port/vhost` (the vhost percent-decoded
+    /// for `%2f` only, which is all the bench needs).
+    fn parse(url: &str) -> Res<(String, String, String, String)> {
+        let rest = url.strip_prefix("amqp://").ok_or("an amqp:// URL")?;
+        let (creds, rest) = rest.split_once('@').ok_or("user:password@ in the URL")?;
+        let (user, password) = creds.split_once(':').unwrap_or((creds, ""));
+        let (host_port, vhost) = rest.split_once('/').unwrap_or((rest, "%2f"));
+        let vhost = if vhost.is_empty() { "%2f" } else { vhost };
+        Ok((
+            host_port.to_string(),
+            user.to_string(),
+            password.to_string(),
+            vhost.replace("%2f", "/").replace("%2F", "/"),
+        ))
+    }
+
+    /// Opens a connection and channel 1 in confirm mode.
+    async fn open(url: &str) -> Res<(Reader, OwnedWriteHalf)> {
+        let (host_port, user, password, vhost) = parse(url)?;
+        let stream = TcpStream::connect(&host_port).await?;
+        stream.set_nodelay(true)?;
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = Reader {
+            rd,
+            buf: Vec::new(),
+        };
+        wr.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        match rd.method().await? {
+            (0, AMQPClass::Connection(connection::AMQPMethod::Start(_))) => {}
+            other => return Err(format!("expected connection.start, got {other:?}").into()),
+        }
+        let response = format!("\0{user}\0{password}");
+        let start_ok = connection::StartOk {
+            client_properties: FieldTable::default(),
+            mechanism: "PLAIN".into(),
+            response: LongString::from(response.as_bytes()),
+            locale: "en_US".into(),
+        };
+        send(
+            &mut wr,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
+        )
+        .await?;
+        let tune = match rd.method().await? {
+            (0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => t,
+            other => return Err(format!("expected connection.tune, got {other:?}").into()),
+        };
+        let tune_ok = connection::TuneOk {
+            channel_max: tune.channel_max,
+            frame_max: tune.frame_max,
+            heartbeat: 0,
+        };
+        send(
+            &mut wr,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
+        )
+        .await?;
+        let open = connection::Open {
+            virtual_host: vhost.as_str().into(),
+        };
+        send(
+            &mut wr,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(open)),
+        )
+        .await?;
+        match rd.method().await? {
+            (0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(_))) => {}
+            other => return Err(format!("expected connection.open-ok, got {other:?}").into()),
+        }
+        send(
+            &mut wr,
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await?;
+        match rd.method().await? {
+            (1, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))) => {}
+            other => return Err(format!("expected channel.open-ok, got {other:?}").into()),
+        }
+        let select = confirm::Select { nowait: false };
+        send(
+            &mut wr,
+            1,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)),
+        )
+        .await?;
+        match rd.method().await? {
+            (1, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))) => {}
+            other => return Err(format!("expected confirm.select-ok, got {other:?}").into()),
+        }
+        Ok((rd, wr))
+    }
+
+    /// Counts confirms (single or multiple, in any order) and gives their
+    /// window slots back; returns when `count` are confirmed.
+    async fn confirms(mut rd: Reader, count: u64, window: Arc<Semaphore>) -> Res<Reader> {
+        let (mut upto, mut singles, mut confirmed) = (0u64, BTreeSet::new(), 0u64);
+        while confirmed < count {
+            let (tag, multiple) = match rd.method().await? {
+                (1, AMQPClass::Basic(basic::AMQPMethod::Ack(a))) => (a.delivery_tag, a.multiple),
+                (_, AMQPClass::Basic(basic::AMQPMethod::Nack(n))) => {
+                    return Err(format!("publish {} nacked", n.delivery_tag).into())
+                }
+                other => return Err(format!("unexpected {other:?}").into()),
+            };
+            let mut newly = 0u64;
+            if multiple {
+                for t in upto + 1..=tag {
+                    if !singles.remove(&t) {
+                        newly += 1;
+                    }
+                }
+                upto = upto.max(tag);
+            } else if tag > upto && singles.insert(tag) {
+                newly = 1;
+            }
+            while singles.remove(&(upto + 1)) {
+                upto += 1;
+            }
+            confirmed += newly;
+            window.add_permits(usize::try_from(newly)?);
+        }
+        Ok(rd)
+    }
+
+    /// One publisher: `count` messages with at most `window` unconfirmed,
+    /// written up to `BATCH` per write, and more often when the window is
+    /// full. Returns when the last confirm came.
+    async fn publisher(
+        url: String,
+        queue: String,
+        publisher: usize,
+        count: u64,
+        window: usize,
+        go: Arc<tokio::sync::Barrier>,
+    ) -> Res<Instant> {
+        let (rd, mut wr) = open(&url).await?;
+        let slots = Arc::new(Semaphore::new(window));
+        go.wait().await;
+        let reader = tokio::spawn(confirms(rd, count, Arc::clone(&slots)));
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let mut buf = Vec::with_capacity(BATCH * 1200);
+        let mut batched = 0;
+        for seq in 0..count {
+            let permit = match slots.try_acquire() {
+                Ok(p) => p,
+                Err(_) => {
+                    if batched > 0 {
+                        wr.write_all(&buf).await?;
+                        buf.clear();
+                        batched = 0;
+                    }
+                    slots.acquire().await?
+                }
+            };
+            permit.forget();
+            let publish = basic::Publish {
+                exchange: "".into(),
+                routing_key: queue.as_str().into(),
+                mandatory: false,
+                immediate: false,
+            };
+            let data = body(publisher, seq);
+            encode(
+                &mut buf,
+                &AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(publish))),
+            )?;
+            let header = AMQPContentHeader {
+                class_id: 60,
+                body_size: data.len() as u64,
+                properties: props.clone(),
+            };
+            encode(&mut buf, &AMQPFrame::Header(1, header))?;
+            encode(&mut buf, &AMQPFrame::Body(1, data))?;
+            batched += 1;
+            if batched >= BATCH {
+                wr.write_all(&buf).await?;
+                buf.clear();
+                batched = 0;
+            }
+        }
+        if batched > 0 {
+            wr.write_all(&buf).await?;
+        }
+        let mut rd = reader.await??;
+        let end = Instant::now();
+        let close = connection::Close {
+            reply_code: 200,
+            reply_text: "published".into(),
+            class_id: 0,
+            method_id: 0,
+        };
+        send(
+            &mut wr,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(close)),
+        )
+        .await?;
+        let _ = tokio::time::timeout(Duration::from_secs(2), rd.method()).await;
+        Ok(end)
+    }
+
+    /// As `amqp_publish`, with raw publishers; the clock starts once every
+    /// one is connected.
+    pub(super) async fn publish(
+        url: &str,
+        queue: &str,
+        count: u64,
+        publishers: usize,
+    ) -> Res<Duration> {
+        let go = Arc::new(tokio::sync::Barrier::new(publishers + 1));
+        let mut tasks = Vec::new();
+        for (p, n, window) in shares(count, publishers) {
+            tasks.push(tokio::spawn(publisher(
+                url.to_string(),
+                queue.to_string(),
+                p,
+                n,
+                window,
+                Arc::clone(&go),
+            )));
+        }
+        go.wait().await;
+        let start = Instant::now();
+        let mut last = start;
+        for t in tasks {
+            last = last.max(t.await??);
+        }
+        Ok(last - start)
+    }
+}
+
 // ---------------------------------------------------------- JetStream side
 
 /// Publishes with `publishers` connections (as the AMQP side does), each
@@ -533,7 +849,13 @@ struct Figures {
     consume: Duration,
 }
 
-async fn run_amqp(url: &str, count: u64, publishers: usize, label: &str) -> Res<Figures> {
+async fn run_amqp(
+    url: &str,
+    count: u64,
+    publishers: usize,
+    raw: bool,
+    label: &str,
+) -> Res<Figures> {
     let queue = format!(
         "stream-bench-{}-{}-{label}",
         std::process::id(),
@@ -543,7 +865,7 @@ async fn run_amqp(url: &str, count: u64, publishers: usize, label: &str) -> Res<
     declare_amqp_stream(&conn, &queue).await?;
     conn.close(200, "ready".into()).await?;
     let outcome = async {
-        let publish = amqp_publish(url, &queue, count, publishers);
+        let publish = amqp_publish(url, &queue, count, publishers, raw);
         let publish = tokio::time::timeout(PHASE_TIMEOUT, publish)
             .await
             .map_err(|_| "publishing timed out")??;
@@ -602,11 +924,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
     let args = parse_args()?;
-    let (n, k) = (args.messages, args.publishers);
+    let (n, k, raw) = (args.messages, args.publishers, args.raw_publisher);
     println!(
         "stream-bench: {n} messages of {BODY_SIZE} B, {k} publisher(s) sharing a window of \
-         {WINDOW}, prefetch {WINDOW}, ack every {ACK_EVERY}, {} run(s) per target, targets in turn",
-        args.runs
+         {WINDOW}, prefetch {WINDOW}, ack every {ACK_EVERY}, {} run(s) per target, targets in turn; \
+         AMQP publisher: {}",
+        args.runs,
+        if raw { "raw, batched writes" } else { "lapin" }
     );
     let tern = if args.only.contains(&Target::Tern) {
         Some(Tern::start()?)
@@ -624,10 +948,10 @@ async fn main() -> Res<()> {
             let fsyncs_before = tern.as_ref().map_or(0, Tern::fsyncs);
             let outcome = match target {
                 Target::Tern => match &tern {
-                    Some(t) => run_amqp(&t.url, n, k, "tern").await,
+                    Some(t) => run_amqp(&t.url, n, k, raw, "tern").await,
                     None => continue,
                 },
-                Target::RabbitMq => run_amqp(&args.rabbitmq_url, n, k, "rabbitmq").await,
+                Target::RabbitMq => run_amqp(&args.rabbitmq_url, n, k, raw, "rabbitmq").await,
                 Target::JetStream => run_jetstream(&args.nats_url, n, k).await,
             };
             match outcome {
