@@ -4,8 +4,8 @@
 //! ```sh
 //! export CARGO_TARGET_DIR=$HOME/.cache/tern-target
 //! cargo run --release -p tern-amqp --example stream-bench -- \
-//!     [--messages N] [--runs R] [--publishers K] [--rabbitmq-url URL] [--nats-url URL] \
-//!     [--only tern,rabbitmq,jetstream]
+//!     [--messages N] [--runs R] [--publishers K] [--raw-publisher] \
+//!     [--rabbitmq-url URL] [--nats-url URL] [--only tern,rabbitmq,jetstream]
 //! ```
 //!
 //! Tern runs in this process (a `Broker` on a fresh data directory under
@@ -24,6 +24,12 @@
 //!   confirms; JetStream publish acks). Timed from the first publish to the
 //!   last confirm. `--publishers K` splits the messages and the window
 //!   over K publishers, each on its own connection (on every target).
+//!   `--raw-publisher` replaces lapin on the AMQP publishing side by a
+//!   publisher that encodes the frames itself and writes up to 64
+//!   publishes per write (and whatever it has when the window is full),
+//!   as async-nats buffers its publishes: lapin writes and wakes once per
+//!   message, which limits its publishing rate on this machine well
+//!   before either broker does.
 //! - **consume**: one consumer reads the N messages from the start of the
 //!   stream with at most 1,000 unacked (AMQP `basic.qos` 1,000 and
 //!   `x-stream-offset: first`; a JetStream pull consumer with
