@@ -4,7 +4,8 @@
 //! prefetch, ack / nack / reject / recover, basic.get, returns, consumer
 //! cancellation by either side, channel errors with their reply codes,
 //! connection errors raised by channel methods, requeue on channel close and
-//! on disconnect, refused logins, transactions and direct reply-to.
+//! on disconnect, refused logins, transactions, direct reply-to, and a
+//! single active consumer handing over on cancel.
 //!
 //! Like `lapin_client.rs`, every scenario is differential: it runs against an
 //! in-process Tern and, when `TERN_TEST_RABBITMQ_URL` is set, against that
@@ -1055,4 +1056,75 @@ async fn scenario_closing_a_channel_requeues_its_unacked_messages_in_order(t: Ar
     }
     deliveries.nothing_more().await;
     close(conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_active_consumer_hands_over_on_cancel_in_order() {
+    run_on_both(scenario_single_active_consumer_hands_over_on_cancel_in_order).await;
+}
+
+/// `x-single-active-consumer`: of two consumers on two connections only the
+/// first receives, in order; once it is cancelled (everything it had
+/// acked), the second takes over with what comes next, and the first gets
+/// nothing more.
+async fn scenario_single_active_consumer_hands_over_on_cancel_in_order(t: Arc<Target>) {
+    let queue = t.queue("sac");
+    let mut arguments = FieldTable::new();
+    arguments.insert(
+        "x-single-active-consumer".try_into().unwrap(),
+        FieldValue::from(true),
+    );
+    let first = connect(&t).await;
+    let ch1 = Chan::open(&first).await;
+    ch1.ch
+        .queue_declare(
+            QueueDeclareArguments::durable_client_named(&queue)
+                .arguments(arguments)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let mut active = ch1.consume(&queue, "first").await;
+    let second = connect(&t).await;
+    let mut ch2 = Chan::open(&second).await;
+    let mut waiting = ch2.consume(&queue, "second").await;
+    ch2.ch
+        .confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
+    for i in 0..4 {
+        ch2.publish("", &queue, format!("s{i}").as_bytes()).await;
+    }
+    ch2.confirms_upto(4).await;
+    for i in 0..4 {
+        let d = active.next().await;
+        assert_eq!(d.body, format!("s{i}").into_bytes(), "{}", t.label);
+        assert!(!d.redelivered, "{}", t.label);
+        ch1.ack(d.tag).await;
+    }
+    waiting.nothing_more().await;
+    // Both consumers count; the acks are handled before this reply.
+    assert_eq!(ch1.counts(&queue).await, (0, 2), "{}", t.label);
+
+    let tag = ch1
+        .ch
+        .basic_cancel(BasicCancelArguments::new("first"))
+        .await
+        .unwrap();
+    assert_eq!(tag, "first");
+    for i in 4..7 {
+        ch2.publish("", &queue, format!("s{i}").as_bytes()).await;
+    }
+    ch2.confirms_upto(7).await;
+    for i in 4..7 {
+        let d = waiting.next().await;
+        assert_eq!(d.body, format!("s{i}").into_bytes(), "{}", t.label);
+        assert!(!d.redelivered, "{}", t.label);
+        ch2.ack(d.tag).await;
+    }
+    waiting.nothing_more().await;
+    active.nothing_more().await;
+    assert_eq!(ch2.counts(&queue).await, (0, 1), "{}", t.label);
+    close(first).await;
+    close(second).await;
 }
