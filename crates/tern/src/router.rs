@@ -55,6 +55,7 @@ pub struct Service {
     events: Vec<String>,
     commands: Vec<String>,
     prefetch: u16,
+    dedup: Option<Duration>,
     retry: Option<Retry>,
     timeout: Option<Duration>,
     tracing: bool,
@@ -92,6 +93,7 @@ impl Service {
             events: Vec::new(),
             commands: Vec::new(),
             prefetch: DEFAULT_PREFETCH,
+            dedup: None,
             retry: Some(Retry::default()),
             timeout: Some(DEFAULT_HANDLER_TIMEOUT),
             tracing: true,
@@ -175,6 +177,19 @@ impl Service {
     /// how many handlers run at once (default 32).
     pub fn prefetch(mut self, prefetch: u16) -> Service {
         self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Has the broker drop duplicates of a dedup id (see
+    /// [`crate::SendOptions::dedup_id`]) sent to this service within
+    /// `window`: the service's queue is declared deduplicating (embedded and
+    /// AMQP to Tern: `x-message-deduplication` with `x-cache-ttl`, kept
+    /// across broker restarts). A queue declared before without it must be
+    /// deleted first (the broker refuses to change a queue's arguments).
+    /// NATS JetStream deduplicates within its stream's own window instead.
+    /// Messages without a dedup id are never dropped as duplicates.
+    pub fn deduplicate(mut self, window: Duration) -> Service {
+        self.dedup = Some(window);
         self
     }
 
@@ -330,6 +345,7 @@ impl Bus {
             events: service.events.clone(),
             commands: service.commands.clone(),
             prefetch: service.prefetch,
+            dedup: service.dedup,
         };
         let subscription = self.transport().subscribe(spec).await?;
         let pipeline = service.pipeline();

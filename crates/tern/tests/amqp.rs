@@ -70,8 +70,15 @@ impl conformance::Fixture for AmqpFixture {
     async fn bus(&self) -> Bus {
         let options = AmqpOptions::default()
             .namespace(&self.namespace)
-            .delayed_exchange(self.delayed);
+            .delayed_exchange(self.delayed)
+            .deduplication(self._tern.is_some())
+            .tracked_stream_offsets(self._tern.is_some());
         Bus::new(Amqp::connect_with(&self.url, options).await.unwrap())
+    }
+
+    fn deduplicates(&self) -> bool {
+        // RabbitMQ deduplicates only with a plugin CI does not install.
+        self._tern.is_some()
     }
 
     async fn dead_letters(&self, service: &str) -> Vec<Envelope> {

@@ -25,6 +25,10 @@ impl conformance::Fixture for MemoryFixture {
     }
 
     async fn cleanup(&self, _service: &str) {}
+
+    fn deduplicates(&self) -> bool {
+        false
+    }
 }
 
 conformance_tests!(Some(MemoryFixture {

@@ -27,7 +27,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use super::mapping::{attempt_of, AmqpShape, AMQP_PREFIX};
+use super::mapping::{attempt_of, dedup_window_ms, AmqpShape, AMQP_PREFIX};
 use super::{
     dead_letter_queue, retry_queue, BoxFuture, Incoming, Outcome, ReplyInbox, Route, Settle,
     Subscription, SubscriptionSpec, Transport, ATTEMPT_HEADER, ERROR_HEADER, FAILED_SERVICE_HEADER,
@@ -49,6 +49,20 @@ pub struct AmqpOptions {
     /// wait their exact backoff in the broker instead of per-attempt retry
     /// queues, and `Bus::send_after` works. Off by default.
     pub delayed_exchange: bool,
+    /// Whether the broker deduplicates queues (`x-message-deduplication`
+    /// with `x-deduplication-header`: Tern does; RabbitMQ with its
+    /// message-deduplication plugin). With it, dedup ids
+    /// ([`crate::SendOptions::dedup_id`]) and deduplicating services
+    /// ([`crate::Service::deduplicate`]) work; without it they are refused,
+    /// since a broker that ignores the arguments would deliver duplicates
+    /// without a word. Off by default.
+    pub deduplication: bool,
+    /// Whether the broker tracks named stream consumers' offsets
+    /// (`x-stream-consumer-name`, a Tern extension; RabbitMQ keeps stream
+    /// offsets only over its stream protocol, not AMQP). With it a named
+    /// replay resumes where it left off; without it a named replay is
+    /// refused. Off by default.
+    pub tracked_stream_offsets: bool,
 }
 
 impl Default for AmqpOptions {
@@ -56,6 +70,8 @@ impl Default for AmqpOptions {
         AmqpOptions {
             namespace: "tern".to_string(),
             delayed_exchange: false,
+            deduplication: false,
+            tracked_stream_offsets: false,
         }
     }
 }
@@ -64,6 +80,29 @@ impl AmqpOptions {
     /// Uses `namespace`.
     pub fn namespace(mut self, namespace: impl Into<String>) -> AmqpOptions {
         self.namespace = namespace.into();
+        self
+    }
+
+    /// Everything Tern's broker has: delayed messages, deduplication and
+    /// tracked stream offsets.
+    pub fn tern() -> AmqpOptions {
+        AmqpOptions {
+            delayed_exchange: true,
+            deduplication: true,
+            tracked_stream_offsets: true,
+            ..AmqpOptions::default()
+        }
+    }
+
+    /// Uses the broker's deduplication (see the field).
+    pub fn deduplication(mut self, enabled: bool) -> AmqpOptions {
+        self.deduplication = enabled;
+        self
+    }
+
+    /// Uses the broker's tracked stream offsets (see the field).
+    pub fn tracked_stream_offsets(mut self, enabled: bool) -> AmqpOptions {
+        self.tracked_stream_offsets = enabled;
         self
     }
 
@@ -85,6 +124,8 @@ pub struct Amqp {
     publisher: Channel,
     target: Arc<str>,
     declared_retry_queues: Arc<Mutex<HashSet<String>>>,
+    deduplication: bool,
+    tracked_stream_offsets: bool,
 }
 
 impl std::fmt::Debug for Amqp {
@@ -189,6 +230,8 @@ impl Amqp {
             publisher,
             target: Arc::from(target.as_str()),
             declared_retry_queues: Arc::default(),
+            deduplication: options.deduplication,
+            tracked_stream_offsets: options.tracked_stream_offsets,
         })
     }
 
@@ -229,6 +272,23 @@ impl Amqp {
             }),
             Confirmation::NotRequested => Ok(true),
         }
+    }
+
+    /// A dedup id needs a broker that deduplicates: one that ignores the
+    /// header would deliver every copy.
+    fn check_dedup_id(&self, envelope: &Envelope) -> Result<(), TransportError> {
+        if envelope.dedup_id().is_some() && !self.deduplication {
+            return Err(TransportError::Unsupported {
+                transport: NAME,
+                what: format!(
+                    "deduplicate `{}` by its dedup id without broker deduplication: connect \
+                     with AmqpOptions::deduplication(true) (Tern has it; RabbitMQ needs its \
+                     message-deduplication plugin)",
+                    envelope.ty
+                ),
+            });
+        }
+        Ok(())
     }
 
     async fn declare_queue(
@@ -483,6 +543,7 @@ impl Transport for Amqp {
 
     fn send(&self, route: Route, envelope: Envelope) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
+            self.check_dedup_id(&envelope)?;
             let (exchange, key, reply_to, mandatory) = match route {
                 Route::Event => (&*self.events_exchange, envelope.ty.clone(), None, false),
                 Route::Command => (&*self.commands_exchange, envelope.ty.clone(), None, true),
@@ -512,6 +573,7 @@ impl Transport for Amqp {
         delay: std::time::Duration,
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
+            self.check_dedup_id(&envelope)?;
             let Some(delayed) = &self.delayed else {
                 return Err(TransportError::Unsupported {
                     transport: NAME,
@@ -547,9 +609,26 @@ impl Transport for Amqp {
     ) -> BoxFuture<'_, Result<Box<dyn Subscription>, TransportError>> {
         Box::pin(async move {
             let service = spec.service.clone();
+            let mut arguments = FieldTable::default();
+            if let Some(window) = spec.dedup {
+                if !self.deduplication {
+                    return Err(TransportError::Unsupported {
+                        transport: NAME,
+                        what: format!(
+                            "deduplicate service '{service}' without broker deduplication: \
+                             connect with AmqpOptions::deduplication(true) (Tern has it; \
+                             RabbitMQ needs its message-deduplication plugin)"
+                        ),
+                    });
+                }
+                arguments.insert("x-message-deduplication".into(), AMQPValue::Boolean(true));
+                arguments.insert(
+                    "x-cache-ttl".into(),
+                    AMQPValue::LongLongInt(dedup_window_ms(window)),
+                );
+            }
             let channel = self.channel().await?;
-            self.declare_queue(&channel, &service, FieldTable::default())
-                .await?;
+            self.declare_queue(&channel, &service, arguments).await?;
             self.declare_queue(
                 &channel,
                 &dead_letter_queue(&service),
@@ -794,6 +873,7 @@ impl Settle for AmqpSettle {
                     let mut shape = self.shape.clone();
                     shape.set_header(ATTEMPT_HEADER, (attempt + u32::from(attempted)).to_string());
                     shape.set_header(ERROR_HEADER, error);
+                    shape.fresh_dedup_key();
                     // Durable copy first, then the ack: at least once.
                     if let Some(delayed) = &self.transport.delayed {
                         shape.delay_ms = Some(delay_ms(after));

@@ -17,7 +17,7 @@ use tern_broker::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::mapping::{attempt_of, AmqpShape, AMQP_PREFIX};
+use super::mapping::{attempt_of, dedup_window_ms, AmqpShape, AMQP_PREFIX};
 use super::{
     dead_letter_queue, BoxFuture, Incoming, Outcome, ReplyInbox, Route, Settle, Subscription,
     SubscriptionSpec, Transport, COMMANDS_EXCHANGE, ERROR_HEADER, EVENTS_EXCHANGE,
@@ -300,7 +300,17 @@ impl Transport for Embedded {
         Box::pin(async move {
             let service = spec.service.clone();
             self.refuse_second_handler(&spec)?;
-            self.declare_queue(QueueDeclare::new(&service)).await?;
+            let mut declare = QueueDeclare::new(&service);
+            if let Some(window) = spec.dedup {
+                declare
+                    .arguments
+                    .insert("x-message-deduplication".into(), FieldValue::Bool(true));
+                declare.arguments.insert(
+                    "x-cache-ttl".into(),
+                    FieldValue::I64(dedup_window_ms(window)),
+                );
+            }
+            self.declare_queue(declare).await?;
             self.declare_queue(QueueDeclare::new(dead_letter_queue(&service)))
                 .await?;
             let bindings = spec
@@ -544,6 +554,7 @@ impl Settle for EmbeddedSettle {
                     let next = attempt + u32::from(attempted);
                     shape.set_header(super::ATTEMPT_HEADER, next.to_string());
                     shape.set_header(ERROR_HEADER, error);
+                    shape.fresh_dedup_key();
                     // Back into this service's queue only, when due, from
                     // the broker's durable timer index. The copy is durable
                     // before the original is acked: a crash in between

@@ -140,6 +140,14 @@ impl Transport for Memory {
 
     fn send(&self, route: Route, envelope: Envelope) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
+            if envelope.dedup_id().is_some() {
+                return Err(TransportError::Unsupported {
+                    transport: NAME,
+                    what: "deduplicate a message by its dedup id (it keeps no window of \
+                           seen ids; use the embedded transport)"
+                        .into(),
+                });
+            }
             let queued = |reply_to: Option<String>| Queued {
                 envelope: envelope.clone(),
                 reply_to,
@@ -191,6 +199,16 @@ impl Transport for Memory {
         spec: SubscriptionSpec,
     ) -> BoxFuture<'_, Result<Box<dyn Subscription>, TransportError>> {
         Box::pin(async move {
+            if spec.dedup.is_some() {
+                return Err(TransportError::Unsupported {
+                    transport: NAME,
+                    what: format!(
+                        "deduplicate service '{}' (it keeps no window of seen ids; use the \
+                         embedded transport)",
+                        spec.service
+                    ),
+                });
+            }
             {
                 let mut state = self.shared.lock();
                 for ty in &spec.commands {

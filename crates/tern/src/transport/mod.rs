@@ -114,6 +114,9 @@ pub struct SubscriptionSpec {
     pub commands: Vec<String>,
     /// How many unsettled messages one instance may hold at once.
     pub prefetch: u16,
+    /// When set, the broker drops a message whose dedup id it saw within
+    /// this window (see [`crate::SendOptions::dedup_id`]).
+    pub dedup: Option<Duration>,
 }
 
 /// How a handled message is settled.

@@ -17,8 +17,10 @@
 //!
 //! The envelope travels in CloudEvents' binary mode: the body is the data,
 //! each attribute a `ce-` header, `datacontenttype` in `content-type`. The
-//! envelope id is also `Nats-Msg-Id`, so JetStream drops a duplicate publish
-//! within its duplicate window. A query's reply address is the
+//! envelope id (or the sender's dedup id, [`crate::SendOptions::dedup_id`])
+//! is also `Nats-Msg-Id`, so JetStream drops a duplicate publish within its
+//! duplicate window (the stream's, two minutes by default; a service's
+//! [`crate::Service::deduplicate`] window does not change it). A query's reply address is the
 //! `tern-reply-to` header (a JetStream publish uses the NATS reply subject
 //! for its own ack).
 //!
@@ -512,6 +514,14 @@ impl Nats {
     }
 }
 
+/// JetStream's deduplication key for a send: the sender's dedup id when it
+/// chose one (so a retried send is stored once within the stream's
+/// duplicate window), else the envelope id (so a publish the client
+/// repeated after a lost ack is stored once).
+fn msg_id(envelope: &Envelope) -> &str {
+    envelope.dedup_id().unwrap_or(&envelope.id)
+}
+
 /// Puts `value` in `headers` under `name`, or says which one cannot travel.
 fn put_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), TransportError> {
     let unsupported = |why: &str| TransportError::Unsupported {
@@ -592,7 +602,7 @@ impl Transport for Nats {
             let body = envelope.data.clone();
             match route {
                 Route::Event => {
-                    put_header(&mut headers, "Nats-Msg-Id", &envelope.id)?;
+                    put_header(&mut headers, "Nats-Msg-Id", msg_id(&envelope))?;
                     self.publish(topology.event_subject(&envelope.ty), headers, body)
                         .await
                 }
@@ -604,7 +614,7 @@ impl Transport for Nats {
                     if let Route::Query { reply_to } = &route {
                         put_header(&mut headers, REPLY_TO_HEADER, reply_to)?;
                     }
-                    put_header(&mut headers, "Nats-Msg-Id", &envelope.id)?;
+                    put_header(&mut headers, "Nats-Msg-Id", msg_id(&envelope))?;
                     self.publish(subject, headers, body).await
                 }
                 Route::Reply { to } => {

@@ -22,6 +22,16 @@ pub trait Fixture: Send + Sync + 'static {
     fn dead_letters(&self, service: &str) -> impl Future<Output = Vec<Envelope>> + Send;
     /// Removes what a scenario declared for `service` (on shared brokers).
     fn cleanup(&self, service: &str) -> impl Future<Output = ()> + Send;
+    /// Whether the transport, as this fixture sets it up, deduplicates by
+    /// dedup id. One that does not must refuse with an `Unsupported` error.
+    fn deduplicates(&self) -> bool {
+        true
+    }
+}
+
+/// Whether `err` is the transport saying it lacks a feature.
+pub fn is_unsupported(err: &BusError) -> bool {
+    matches!(err, BusError::Transport(TransportError::Unsupported { .. }))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -549,6 +559,66 @@ pub async fn shuts_down_gracefully_without_loss<F: Fixture>(f: F) {
     f.cleanup(&service).await;
 }
 
+/// The same dedup id sent twice is handled once; other ids and messages
+/// without one are all handled. A transport without deduplication refuses
+/// it with an error naming the feature.
+pub async fn handles_a_dedup_id_once<F: Fixture>(f: F) {
+    let bus = f.bus().await;
+    let service = unique("deduper");
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let started = bus
+        .start(
+            Service::new(&service)
+                .deduplicate(Duration::from_secs(60))
+                .on_command(move |c: DoWork, _ctx: Context| {
+                    sink.lock().unwrap().push(c.n);
+                    std::future::ready(Ok(()))
+                }),
+        )
+        .await;
+    if !f.deduplicates() {
+        let err = started
+            .err()
+            .expect("a service asking for dedup is refused");
+        assert!(is_unsupported(&err), "{err}");
+        assert!(err.to_string().contains("deduplicate"), "{err}");
+        let err = bus
+            .send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id("x"))
+            .await
+            .unwrap_err();
+        assert!(is_unsupported(&err), "{err}");
+        f.cleanup(&service).await;
+        return;
+    }
+    let running = started.unwrap();
+    let once = format!("order-{}", uuid::Uuid::now_v7());
+    bus.send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id(&once))
+        .await
+        .unwrap();
+    // A publisher retrying after a lost confirm: accepted, not delivered.
+    bus.send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id(&once))
+        .await
+        .unwrap();
+    bus.send_with(
+        &DoWork { n: 2 },
+        SendOptions::default().dedup_id(format!("{once}-other")),
+    )
+    .await
+    .unwrap();
+    bus.send(&DoWork { n: 3 }).await.unwrap();
+    bus.send(&DoWork { n: 3 }).await.unwrap();
+    eventually("the distinct messages", || seen.lock().unwrap().len() >= 4).await;
+    // Anything the duplicate would have caused has arrived by now: it was
+    // sent before the last messages, on the same queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2, 3, 3]);
+    running.shutdown().await.unwrap();
+    f.cleanup(&service).await;
+}
+
 /// Runs every scenario as its own test against a fixture expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -566,6 +636,7 @@ macro_rules! conformance_tests {
             propagates_correlation_and_causation,
             redelivers_when_a_consumer_dies,
             shuts_down_gracefully_without_loss,
+            handles_a_dedup_id_once,
         );
     };
     (@each $fixture:expr; $($scenario:ident,)*) => {
