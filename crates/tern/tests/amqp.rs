@@ -81,6 +81,14 @@ impl conformance::Fixture for AmqpFixture {
         self._tern.is_some()
     }
 
+    fn replays(&self) -> conformance::Replays {
+        if self._tern.is_some() {
+            conformance::Replays::Named
+        } else {
+            conformance::Replays::Unnamed
+        }
+    }
+
     async fn dead_letters(&self, service: &str) -> Vec<Envelope> {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();

@@ -29,6 +29,10 @@ impl conformance::Fixture for MemoryFixture {
     fn deduplicates(&self) -> bool {
         false
     }
+
+    fn replays(&self) -> conformance::Replays {
+        conformance::Replays::No
+    }
 }
 
 conformance_tests!(Some(MemoryFixture {

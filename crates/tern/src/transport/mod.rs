@@ -41,7 +41,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::envelope::Envelope;
 use crate::error::TransportError;
@@ -69,6 +69,12 @@ pub const ATTEMPT_HEADER: &str = "tern-attempt";
 pub const ERROR_HEADER: &str = "tern-error";
 /// The header naming the service that dead-lettered a message.
 pub const FAILED_SERVICE_HEADER: &str = "tern-failed-service";
+
+/// The stream queue (embedded and AMQP) that records events of type `ty`
+/// for replay.
+pub fn event_stream(ty: &str) -> String {
+    format!("tern.stream.{ty}")
+}
 
 /// The queue of a service's dead letters.
 pub fn dead_letter_queue(service: &str) -> String {
@@ -189,6 +195,54 @@ pub trait Subscription: Send {
     fn cancel(&mut self) -> BoxFuture<'_, Result<(), TransportError>>;
 }
 
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// The oldest event the stream still holds.
+    First,
+    /// The event at this offset (0 is the first event ever recorded), or
+    /// the oldest held if that one has gone.
+    Offset(u64),
+    /// The first event recorded at or after this time. Embedded and AMQP
+    /// read it to the second (AMQP timestamps are whole seconds); NATS to
+    /// the nanosecond.
+    Time(SystemTime),
+    /// Only events recorded after the replay starts.
+    Next,
+}
+
+/// A replay to open: which event type, from where, and under which name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySpec {
+    /// The event type.
+    pub ty: String,
+    /// Where to start when there is no committed offset to resume from.
+    pub from: ReplayFrom,
+    /// A named replay's position is kept by the broker: reopened under the
+    /// same name, it resumes after the last event it moved past.
+    pub name: Option<String>,
+    /// How many events the broker sends ahead of the reader.
+    pub prefetch: u16,
+}
+
+/// One event read from a stream.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Its offset in the stream of its type, from 0.
+    pub offset: u64,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// An open replay. Reading the next event acknowledges the one before it
+/// (for a named replay, commits its offset), so a reader that dies while
+/// handling an event reads that event again when it resumes: at least once.
+pub trait ReplaySource: Send {
+    /// The next event, waiting for one to be recorded at the stream's end;
+    /// `None` once the connection is gone.
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Recorded, TransportError>>>;
+}
+
 /// Where the answers to one bus's queries arrive.
 pub trait ReplyInbox: Send {
     /// The address to put in a query's `reply_to`.
@@ -235,6 +289,25 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         spec: SubscriptionSpec,
     ) -> BoxFuture<'_, Result<Box<dyn Subscription>, TransportError>>;
+
+    /// Starts recording events of type `ty` in a stream that can be
+    /// replayed (idempotent). Events published before are not in it.
+    fn record_events(&self, ty: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let what = format!("record events of type `{ty}` for replay (it has no streams)");
+        let transport = self.name();
+        Box::pin(async move { Err(TransportError::Unsupported { transport, what }) })
+    }
+
+    /// Opens a replay of a recorded event stream (recording it from now on
+    /// if it was not).
+    fn replay(
+        &self,
+        spec: ReplaySpec,
+    ) -> BoxFuture<'_, Result<Box<dyn ReplaySource>, TransportError>> {
+        let what = format!("replay events of type `{}` (it has no streams)", spec.ty);
+        let transport = self.name();
+        Box::pin(async move { Err(TransportError::Unsupported { transport, what }) })
+    }
 
     /// Opens an inbox for answers to queries, private to the caller.
     fn reply_inbox(&self) -> BoxFuture<'_, Result<Box<dyn ReplyInbox>, TransportError>>;

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tern::middleware::Retry;
-use tern::{Bus, BusError, Context, Envelope, HandlerError, SendOptions, Service, TransportError};
+use tern::{
+    Bus, BusError, Context, Envelope, HandlerError, Replay, ReplayFrom, Replaying, SendOptions,
+    Service, TransportError,
+};
 use tokio::sync::Notify;
 
 /// How a transport is set up for one scenario.
@@ -26,6 +29,47 @@ pub trait Fixture: Send + Sync + 'static {
     /// dedup id. One that does not must refuse with an `Unsupported` error.
     fn deduplicates(&self) -> bool {
         true
+    }
+    /// How far the transport replays event streams.
+    fn replays(&self) -> Replays {
+        Replays::Named
+    }
+}
+
+/// How far a transport replays event streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replays {
+    /// Not at all: it says so.
+    No,
+    /// From an offset or a time, but it keeps no named positions.
+    Unnamed,
+    /// Also named replays that resume.
+    Named,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntryRecorded {
+    pub n: u32,
+}
+tern::message!(event EntryRecorded = "conformance.entry-recorded.v1");
+
+/// Reads `count` events from a replay, failing the test after 20 s.
+pub async fn read(replay: &mut Replaying<EntryRecorded>, count: usize) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let next = tokio::time::timeout(Duration::from_secs(20), replay.next())
+            .await
+            .expect("a replayed event within 20 s")
+            .expect("the replay is open")
+            .unwrap();
+        out.push((next.offset, next.event.n));
+    }
+    out
+}
+
+async fn publish_entries(bus: &Bus, range: std::ops::Range<u32>) {
+    for n in range {
+        bus.publish(&EntryRecorded { n }).await.unwrap();
     }
 }
 
@@ -619,6 +663,122 @@ pub async fn handles_a_dedup_id_once<F: Fixture>(f: F) {
     f.cleanup(&service).await;
 }
 
+/// A recorded stream replays from the first event, from an offset, from a
+/// time and from the end: each gives exactly the right suffix, in order.
+pub async fn replays_from_an_offset_or_a_time<F: Fixture>(f: F) {
+    let bus = f.bus().await;
+    let recorded = bus.record::<EntryRecorded>().await;
+    if f.replays() == Replays::No {
+        let err = recorded.unwrap_err();
+        assert!(is_unsupported(&err), "{err}");
+        assert!(err.to_string().contains("replay"), "{err}");
+        return;
+    }
+    recorded.unwrap();
+    publish_entries(&bus, 0..10).await;
+    let mut all = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::First))
+        .await
+        .unwrap();
+    let got = read(&mut all, 10).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    let first = got[0].0;
+    let offsets: Vec<u64> = got.iter().map(|e| e.0).collect();
+    assert_eq!(
+        offsets,
+        (first..first + 10).collect::<Vec<_>>(),
+        "offsets are consecutive"
+    );
+
+    let mut suffix = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::Offset(first + 4)))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&mut suffix, 6).await,
+        got[4..].to_vec(),
+        "from an offset: that event and the ones after it"
+    );
+
+    // Whole seconds: AMQP timestamps have no finer grain.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let boundary = Duration::from_secs(now.as_secs() + 1);
+    tokio::time::sleep(boundary - now + Duration::from_millis(20)).await;
+    publish_entries(&bus, 10..15).await;
+    let mut since = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::Time(
+            std::time::UNIX_EPOCH + boundary,
+        )))
+        .await
+        .unwrap();
+    let got = read(&mut since, 5).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        (10..15).collect::<Vec<_>>()
+    );
+
+    let mut next = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::Next))
+        .await
+        .unwrap();
+    // The consumer is attached once `replay` returned; what follows is new.
+    publish_entries(&bus, 15..16).await;
+    assert_eq!(read(&mut next, 1).await[0].1, 15);
+    // The live reader of the first replay sees the later events too.
+    assert_eq!(
+        read(&mut all, 6)
+            .await
+            .iter()
+            .map(|e| e.1)
+            .collect::<Vec<_>>(),
+        (10..16).collect::<Vec<_>>()
+    );
+}
+
+/// A named replay resumes, after its bus was dropped and a new one
+/// connected, at the first event it had not moved past.
+pub async fn a_named_replay_resumes_where_it_stopped<F: Fixture>(f: F) {
+    let bus = f.bus().await;
+    let name = unique("auditor");
+    let opened = bus
+        .replay::<EntryRecorded>(Replay::named(&name, ReplayFrom::First))
+        .await;
+    match f.replays() {
+        Replays::Named => {}
+        Replays::Unnamed | Replays::No => {
+            let err = opened.unwrap_err();
+            assert!(is_unsupported(&err), "{err}");
+            return;
+        }
+    }
+    let mut replay = opened.unwrap();
+    publish_entries(&bus, 0..10).await;
+    let got = read(&mut replay, 5).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    // Event 4 was being handled when the process stopped: not committed.
+    drop(replay);
+    drop(bus);
+    let bus = f.bus().await;
+    // `from` applies only to a replay with no position yet.
+    let mut resumed = bus
+        .replay::<EntryRecorded>(Replay::named(&name, ReplayFrom::First))
+        .await
+        .unwrap();
+    let got = read(&mut resumed, 6).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![4, 5, 6, 7, 8, 9]
+    );
+}
+
 /// Runs every scenario as its own test against a fixture expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -637,6 +797,8 @@ macro_rules! conformance_tests {
             redelivers_when_a_consumer_dies,
             shuts_down_gracefully_without_loss,
             handles_a_dedup_id_once,
+            replays_from_an_offset_or_a_time,
+            a_named_replay_resumes_where_it_stopped,
         );
     };
     (@each $fixture:expr; $($scenario:ident,)*) => {
