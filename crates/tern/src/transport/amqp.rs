@@ -29,8 +29,9 @@ use lapin::{
 
 use super::mapping::{attempt_of, dedup_window_ms, AmqpShape, AMQP_PREFIX};
 use super::{
-    dead_letter_queue, retry_queue, BoxFuture, Incoming, Outcome, ReplyInbox, Route, Settle,
-    Subscription, SubscriptionSpec, Transport, ATTEMPT_HEADER, ERROR_HEADER, FAILED_SERVICE_HEADER,
+    dead_letter_queue, retry_queue, BoxFuture, Incoming, Outcome, Recorded, ReplayFrom,
+    ReplaySource, ReplaySpec, ReplyInbox, Route, Settle, Subscription, SubscriptionSpec, Transport,
+    ATTEMPT_HEADER, ERROR_HEADER, FAILED_SERVICE_HEADER,
 };
 use crate::envelope::Envelope;
 use crate::error::TransportError;
@@ -116,6 +117,7 @@ impl AmqpOptions {
 /// The AMQP transport. Clones share one connection.
 #[derive(Clone)]
 pub struct Amqp {
+    namespace: Arc<str>,
     events_exchange: Arc<str>,
     commands_exchange: Arc<str>,
     /// When the broker delays messages itself.
@@ -223,6 +225,7 @@ impl Amqp {
             None
         };
         Ok(Amqp {
+            namespace: Arc::from(options.namespace.as_str()),
             delayed,
             events_exchange: Arc::from(events_exchange.as_str()),
             commands_exchange: Arc::from(commands_exchange.as_str()),
@@ -272,6 +275,11 @@ impl Amqp {
             }),
             Confirmation::NotRequested => Ok(true),
         }
+    }
+
+    /// The stream queue recording events of type `ty`.
+    fn event_stream(&self, ty: &str) -> String {
+        format!("{}.stream.{ty}", self.namespace)
     }
 
     /// A dedup id needs a broker that deduplicates: one that ignores the
@@ -693,6 +701,104 @@ impl Transport for Amqp {
         })
     }
 
+    fn record_events(&self, ty: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let ty = ty.to_string();
+        Box::pin(async move {
+            let stream = self.event_stream(&ty);
+            let channel = self.channel().await?;
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("stream".into()),
+            );
+            self.declare_queue(&channel, &stream, arguments).await?;
+            channel
+                .queue_bind(
+                    stream.as_str().into(),
+                    self.events_exchange.as_ref().into(),
+                    ty.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(failed(format!(
+                    "bind stream '{stream}' to '{}' with key '{ty}'",
+                    self.events_exchange
+                )))?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        })
+    }
+
+    fn replay(
+        &self,
+        spec: ReplaySpec,
+    ) -> BoxFuture<'_, Result<Box<dyn ReplaySource>, TransportError>> {
+        Box::pin(async move {
+            if spec.name.is_some() && !self.tracked_stream_offsets {
+                return Err(TransportError::Unsupported {
+                    transport: NAME,
+                    what: format!(
+                        "replay `{}` under a name without broker-tracked stream offsets: \
+                         connect with AmqpOptions::tracked_stream_offsets(true) (Tern has them; \
+                         RabbitMQ keeps stream offsets over its stream protocol only), or \
+                         replay without a name",
+                        spec.ty
+                    ),
+                });
+            }
+            self.record_events(&spec.ty).await?;
+            let stream = self.event_stream(&spec.ty);
+            let channel = self.channel().await?;
+            channel
+                .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
+                .await
+                .map_err(failed("set the replay's prefetch window"))?;
+            let mut arguments = FieldTable::default();
+            // A named replay resumes from its committed offset, which an
+            // `x-stream-offset` would override; over AMQP the transport
+            // cannot ask whether there is one, so a new name starts at the
+            // stream's end (see the module docs).
+            if spec.name.is_none() {
+                let offset = match spec.from {
+                    ReplayFrom::First => AMQPValue::LongString("first".into()),
+                    ReplayFrom::Next => AMQPValue::LongString("next".into()),
+                    ReplayFrom::Offset(n) => {
+                        AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
+                    }
+                    ReplayFrom::Time(t) => AMQPValue::Timestamp(
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                    ),
+                };
+                arguments.insert("x-stream-offset".into(), offset);
+            }
+            if let Some(name) = &spec.name {
+                arguments.insert(
+                    "x-stream-consumer-name".into(),
+                    AMQPValue::LongString(name.as_str().into()),
+                );
+            }
+            let tag = format!("tern-replay-{}", uuid::Uuid::now_v7().simple());
+            let consumer = channel
+                .basic_consume(
+                    stream.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    arguments,
+                )
+                .await
+                .map_err(failed(format!("replay stream '{stream}'")))?;
+            Ok(Box::new(AmqpReplay {
+                _channel: channel,
+                consumer,
+                stream,
+                previous: None,
+            }) as Box<dyn ReplaySource>)
+        })
+    }
+
     fn reply_inbox(&self) -> BoxFuture<'_, Result<Box<dyn ReplyInbox>, TransportError>> {
         Box::pin(async move {
             let channel = self.channel().await?;
@@ -901,6 +1007,58 @@ impl Settle for AmqpSettle {
                         .publish("", &queue, shape, &self.body, false)
                         .await?;
                     self.ack().await
+                }
+            }
+        })
+    }
+}
+
+struct AmqpReplay {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+    stream: String,
+    /// The delivery returned last, acked when the next one is asked for.
+    previous: Option<lapin::Acker>,
+}
+
+impl ReplaySource for AmqpReplay {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Recorded, TransportError>>> {
+        Box::pin(async move {
+            if let Some(acker) = self.previous.take() {
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    return Some(Err(failed(format!(
+                        "acknowledge a replayed event of stream '{}'",
+                        self.stream
+                    ))(e)));
+                }
+            }
+            loop {
+                let delivery = match self.consumer.next().await? {
+                    Ok(delivery) => delivery,
+                    Err(e) => {
+                        return Some(Err(failed(format!("replay stream '{}'", self.stream))(e)))
+                    }
+                };
+                let headers = string_headers(&delivery.properties);
+                let offset = headers
+                    .iter()
+                    .find(|(k, _)| k == "x-stream-offset")
+                    .and_then(|(_, v)| v.parse::<u64>().ok());
+                let recorded = offset
+                    .ok_or_else(|| "it has no stream offset".to_string())
+                    .and_then(|offset| {
+                        envelope_of(&delivery.properties, &delivery.data)
+                            .map(|(envelope, _)| Recorded { offset, envelope })
+                    });
+                match recorded {
+                    Ok(recorded) => {
+                        self.previous = Some(delivery.acker);
+                        return Some(Ok(recorded));
+                    }
+                    Err(reason) => {
+                        tracing::warn!(stream = %self.stream, %reason, "skipping an event that is not a CloudEvent");
+                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                    }
                 }
             }
         })
