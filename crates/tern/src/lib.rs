@@ -53,6 +53,8 @@
 //! - [`router`]: running a service; at least once, ordered per key, graceful shutdown;
 //! - [`replay`]: reading a recorded event stream from an offset or a time; ordered, and at
 //!   least once for a named replay, which resumes where it stopped;
+//! - [`schedule`]: recurring schedules kept in the broker as a chain of delayed ticks; at
+//!   least once, never twice for a deduplicating target;
 //! - [`middleware`]: retry, circuit breaker, rate limit, timeout, panic recovery, tracing, metrics;
 //! - [`transport`]: the transport interface, the topology, and each transport.
 
@@ -64,6 +66,7 @@ pub mod message;
 pub mod middleware;
 pub mod replay;
 pub mod router;
+pub mod schedule;
 pub mod testing;
 pub mod trace;
 pub mod transport;
@@ -75,3 +78,4 @@ pub use error::{BusError, HandlerError, TransportError};
 pub use message::{Codec, Command, Event, Json, Message, MessageKind, Query};
 pub use replay::{Replay, ReplayFrom, Replayed, Replaying};
 pub use router::{Running, Service};
+pub use schedule::Cadence;

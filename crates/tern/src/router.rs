@@ -193,6 +193,17 @@ impl Service {
         self
     }
 
+    /// What the service subscribes to.
+    pub(crate) fn subscription_spec(&self) -> SubscriptionSpec {
+        SubscriptionSpec {
+            service: self.name.clone(),
+            events: self.events.clone(),
+            commands: self.commands.clone(),
+            prefetch: self.prefetch,
+            dedup: self.dedup,
+        }
+    }
+
     /// Replaces the retry policy.
     pub fn retry(mut self, retry: Retry) -> Service {
         self.retry = Some(retry);
@@ -340,13 +351,7 @@ impl Bus {
                 reason: "it has no handlers: add some with on_event, on_command or on_query".into(),
             });
         }
-        let spec = SubscriptionSpec {
-            service: service.name.clone(),
-            events: service.events.clone(),
-            commands: service.commands.clone(),
-            prefetch: service.prefetch,
-            dedup: service.dedup,
-        };
+        let spec = service.subscription_spec();
         let subscription = self.transport().subscribe(spec).await?;
         let pipeline = service.pipeline();
         let (stop_tx, stop_rx) = oneshot::channel();
