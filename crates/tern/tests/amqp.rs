@@ -190,6 +190,70 @@ mod scheduling {
         running.shutdown().await.unwrap();
     }
 
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Tick {
+        n: u32,
+    }
+    tern::message!(command Tick = "amqp-schedule.tick.v1");
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recurring_schedule_runs_on_tern_over_amqp() {
+        let fixture = AmqpFixture::tern().await.unwrap();
+        let options = AmqpOptions::tern();
+        let bus = Bus::new(Amqp::connect_with(&fixture.url, options).await.unwrap());
+        let fires: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = Arc::clone(&fires);
+        let target = bus
+            .start(
+                Service::new("amqp-ticks")
+                    .deduplicate(Duration::from_secs(60))
+                    .on_command(move |_t: Tick, ctx: Context| {
+                        let id = ctx.envelope().dedup_id().unwrap_or_default().to_string();
+                        sink.lock().unwrap().push(id);
+                        std::future::ready(Ok(()))
+                    }),
+            )
+            .await
+            .unwrap();
+        let scheduler = bus.start(tern::schedule::scheduler()).await.unwrap();
+        bus.schedule(
+            "amqp-ticks",
+            tern::Cadence::every(Duration::from_millis(300)),
+            &Tick { n: 1 },
+        )
+        .await
+        .unwrap();
+        crate::conformance::eventually("three fires", || fires.lock().unwrap().len() >= 3).await;
+        let fires = fires.lock().unwrap().clone();
+        let distinct: std::collections::BTreeSet<_> = fires.iter().collect();
+        assert_eq!(distinct.len(), fires.len(), "no fire twice: {fires:?}");
+        assert!(
+            fires.iter().all(|f| tern::schedule::fire_time(f).is_some()),
+            "{fires:?}"
+        );
+        scheduler.shutdown().await.unwrap();
+        target.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rabbitmq_without_plugins_refuses_a_schedule_naming_what_it_lacks() {
+        let Some(fixture) = AmqpFixture::rabbitmq().await else {
+            return;
+        };
+        let bus = fixture.bus().await;
+        let err = bus
+            .schedule(
+                "nightly",
+                tern::Cadence::every(Duration::from_secs(60)),
+                &Tick { n: 1 },
+            )
+            .await
+            .unwrap_err();
+        assert!(crate::conformance::is_unsupported(&err), "{err}");
+        assert!(err.to_string().contains("deduplicat"), "{err}");
+        fixture.cleanup(tern::schedule::SCHEDULER_SERVICE).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_delayed_exchanges_a_scheduled_send_says_how_to_enable_it() {
         let fixture = AmqpFixture::tern().await.unwrap();

@@ -394,3 +394,26 @@ async fn a_second_service_handling_the_same_command_is_refused() {
     // The refused service created nothing to clean up.
     f.cleanup(&first).await;
 }
+
+/// JetStream cannot hold a message for later, so a recurring schedule is
+/// refused with an error naming the transport and the feature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_is_refused_for_want_of_delayed_sends() {
+    let Some(f) = NatsFixture::new().await else {
+        return;
+    };
+    let err = f
+        .bus()
+        .await
+        .schedule(
+            "nightly",
+            tern::Cadence::every(Duration::from_secs(60)),
+            &DoWork { n: 1 },
+        )
+        .await
+        .unwrap_err();
+    assert!(conformance::is_unsupported(&err), "{err}");
+    assert!(err.to_string().contains("nats"), "{err}");
+    assert!(err.to_string().contains("for later"), "{err}");
+    f.cleanup(tern::schedule::SCHEDULER_SERVICE).await;
+}

@@ -663,6 +663,53 @@ pub async fn handles_a_dedup_id_once<F: Fixture>(f: F) {
     f.cleanup(&service).await;
 }
 
+/// On a deduplicating service, a retried message (a copy of the original,
+/// with its dedup id or message id) is not mistaken for a duplicate.
+pub async fn retries_on_a_deduplicating_service<F: Fixture>(f: F) {
+    if !f.deduplicates() {
+        return;
+    }
+    let bus = f.bus().await;
+    let service = unique("dedup-retry");
+    let attempts: Arc<Mutex<Vec<(u32, u32)>>> = Arc::default();
+    let sink = Arc::clone(&attempts);
+    let running = bus
+        .start(
+            Service::new(&service)
+                .deduplicate(Duration::from_secs(60))
+                .retry(
+                    Retry::exponential(Duration::from_millis(20), Duration::from_millis(50))
+                        .max_attempts(3),
+                )
+                .on_command(move |c: DoWork, ctx: Context| {
+                    sink.lock().unwrap().push((c.n, ctx.attempt()));
+                    let result = if ctx.attempt() == 1 {
+                        Err(HandlerError::transient("not yet"))
+                    } else {
+                        Ok(())
+                    };
+                    std::future::ready(result)
+                }),
+        )
+        .await
+        .unwrap();
+    bus.send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id("retried"))
+        .await
+        .unwrap();
+    bus.send(&DoWork { n: 2 }).await.unwrap();
+    eventually("both handled on their second attempt", || {
+        attempts.lock().unwrap().len() == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got = attempts.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 1), (1, 2), (2, 1), (2, 2)]);
+    assert!(f.dead_letters(&service).await.is_empty());
+    running.shutdown().await.unwrap();
+    f.cleanup(&service).await;
+}
+
 /// A recorded stream replays from the first event, from an offset, from a
 /// time and from the end: each gives exactly the right suffix, in order.
 pub async fn replays_from_an_offset_or_a_time<F: Fixture>(f: F) {
@@ -797,6 +844,7 @@ macro_rules! conformance_tests {
             redelivers_when_a_consumer_dies,
             shuts_down_gracefully_without_loss,
             handles_a_dedup_id_once,
+            retries_on_a_deduplicating_service,
             replays_from_an_offset_or_a_time,
             a_named_replay_resumes_where_it_stopped,
         );
