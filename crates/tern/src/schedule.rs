@@ -6,26 +6,29 @@
 //! services and of the broker. The schedule *is* a message: a tick waiting
 //! in the broker's durable delay log. The scheduler service
 //! ([`scheduler`], started like any service, on one or more instances)
-//! handles each tick when it is due by
-//! 1. delaying the tick for the cadence's next fire time after both the
-//!    tick's own time and now (so a broker that was down for a day fires
-//!    once for the time missed, then keeps to the cadence), then
-//! 2. sending the command, with the dedup id `schedule:NAME@MILLIS`, and
-//! 3. only then acknowledging the tick.
+//! handles each fire time in two steps:
+//! 1. the *wake* tick comes out of the delay log when due, and the scheduler
+//!    sends the *fire* tick through its own queue, which is deduplicating:
+//!    of several wakes for one fire time, one fire gets in;
+//! 2. on the fire tick it delays the wake for the cadence's next fire time
+//!    after both this one and now (so a broker that was down for a day
+//!    fires once for the time missed, then keeps to the cadence), sends the
+//!    command with the dedup id `schedule:NAME@MILLIS`, and only then
+//!    acknowledges the tick.
 //!
 //! Guarantees:
-//! - **At least once, never twice.** A tick handled twice (its instance
-//!   died before the ack) sends the same next tick and the same command
-//!   again, with the same dedup ids: the scheduler's queue drops the second
-//!   tick, and a target service started with [`crate::Service::deduplicate`]
-//!   drops the second command. A target without deduplication may see a
-//!   fire twice after such a crash.
+//! - **At least once, never twice.** A fire tick handled twice (its
+//!   instance died before the ack) sends the next wake and the command
+//!   again: the second wake's fire is dropped by the scheduler's queue, so
+//!   the chain does not fork, and a target service started with
+//!   [`crate::Service::deduplicate`] drops the second command. A target
+//!   without deduplication may see that one fire twice.
 //! - **On time.** A fire is never handled before its time; it comes as late
 //!   as the broker's delay log and the scheduler's instances allow.
 //! - **Idempotent set-up.** Fire times are a grid (multiples of the
 //!   interval since the Unix epoch, or the cron expression's times), and
-//!   ticks are deduplicated by their time, so calling [`Bus::schedule`]
-//!   again (at every start, say) does not start a second chain: its tick
+//!   fires are deduplicated by their time, so calling [`Bus::schedule`]
+//!   again (at every start, say) does not start a second chain: its wake
 //!   merges with the chain's at the next fire time.
 //!
 //! A schedule cannot change its cadence or command under the same name (the
@@ -120,6 +123,21 @@ impl Cadence {
     }
 }
 
+/// A tick's two steps. A fire time's [`TickPhase::Wake`] waits in the delay
+/// log and may come more than once (a redelivered tick sends its successor
+/// again); its [`TickPhase::Fire`] is sent through the scheduler's queue at
+/// once, where its dedup id lets one copy in per fire time. Duplicates are
+/// stopped there rather than on the way out of the delay log, which does not
+/// deduplicate on every broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TickPhase {
+    /// Due: let the fire through the scheduler's deduplicating queue.
+    Wake,
+    /// Send the command and delay the next wake.
+    Fire,
+}
+
 /// The command to send when a schedule fires, in its encoded form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduledCommand {
@@ -142,21 +160,33 @@ pub struct ScheduleTick {
     pub cadence: Cadence,
     /// The fire time this tick is for, in milliseconds since the epoch.
     pub fire_at_ms: u64,
+    /// Whether it wakes the schedule or fires it.
+    pub phase: TickPhase,
     /// What to send.
     pub command: ScheduledCommand,
 }
 crate::message!(command ScheduleTick = "tern.schedule-tick.v1");
 
 impl ScheduleTick {
-    /// The dedup id of the tick that fires at `at`.
-    fn dedup_id(&self, at: u64) -> String {
-        format!("tick:{}@{at}", self.schedule)
+    /// The dedup id of the tick for `at` in `phase`.
+    fn dedup_id(&self, phase: TickPhase, at: u64) -> String {
+        let phase = match phase {
+            TickPhase::Wake => "wake",
+            TickPhase::Fire => "fire",
+        };
+        format!("{phase}:{}@{at}", self.schedule)
     }
 
-    /// The tick for `at`, as an effect of `cause` if given.
-    fn envelope(&self, at: u64, cause: Option<&Envelope>) -> Result<Envelope, String> {
+    /// The tick for `at` in `phase`, as an effect of `cause` if given.
+    fn envelope(
+        &self,
+        phase: TickPhase,
+        at: u64,
+        cause: Option<&Envelope>,
+    ) -> Result<Envelope, String> {
         let next = ScheduleTick {
             fire_at_ms: at,
+            phase,
             ..self.clone()
         };
         let data = <<ScheduleTick as Message>::Codec as Codec>::encode(&next).map_err(|e| e.0)?;
@@ -170,7 +200,7 @@ impl ScheduleTick {
         }
         envelope.datacontenttype =
             Some(<<ScheduleTick as Message>::Codec as Codec>::CONTENT_TYPE.into());
-        envelope.set_dedup_id(self.dedup_id(at));
+        envelope.set_dedup_id(self.dedup_id(phase, at));
         Ok(envelope)
     }
 }
@@ -206,37 +236,51 @@ async fn handle_tick(tick: ScheduleTick, ctx: Context) -> Result<(), HandlerErro
     let transport = ctx.bus().transport();
     let now = now_ms();
     let delay_until = |at: u64| Duration::from_millis(at.saturating_sub(now_ms()));
+    let tick_for = |phase: TickPhase, at: u64| {
+        tick.envelope(phase, at, Some(ctx.envelope()))
+            .map_err(HandlerError::permanent)
+    };
     if now < tick.fire_at_ms {
         // Never early (a clock step between broker and scheduler, say):
-        // wait out the rest in the broker, under the same dedup id.
-        let again = tick.envelope(tick.fire_at_ms, Some(ctx.envelope()));
-        let again = again.map_err(HandlerError::permanent)?;
+        // wait out the rest in the broker.
+        let again = tick_for(TickPhase::Wake, tick.fire_at_ms)?;
         transport
             .send_after(Route::Command, again, delay_until(tick.fire_at_ms))
             .await?;
         return Ok(());
     }
-    // The next tick first: a failing command must not end the chain.
-    if let Some(next) = tick.cadence.next_after(tick.fire_at_ms.max(now)) {
-        let envelope = tick
-            .envelope(next, Some(ctx.envelope()))
-            .map_err(HandlerError::permanent)?;
-        transport
-            .send_after(Route::Command, envelope, delay_until(next))
-            .await?;
+    match tick.phase {
+        TickPhase::Wake => {
+            // Through the deduplicating queue: one fire per fire time.
+            transport
+                .send(Route::Command, tick_for(TickPhase::Fire, tick.fire_at_ms)?)
+                .await?;
+        }
+        TickPhase::Fire => {
+            // The next wake first: a failing command must not end the chain.
+            if let Some(next) = tick.cadence.next_after(tick.fire_at_ms.max(now)) {
+                transport
+                    .send_after(
+                        Route::Command,
+                        tick_for(TickPhase::Wake, next)?,
+                        delay_until(next),
+                    )
+                    .await?;
+            }
+            let mut command = Envelope::new(
+                format!("tern://schedule/{}", tick.schedule),
+                tick.command.ty.clone(),
+                tick.command.data.clone().into(),
+            )
+            .caused_by(ctx.envelope());
+            command
+                .datacontenttype
+                .clone_from(&tick.command.datacontenttype);
+            command.time = Some(UNIX_EPOCH + Duration::from_millis(tick.fire_at_ms));
+            command.set_dedup_id(fire_dedup_id(&tick.schedule, tick.fire_at_ms));
+            transport.send(Route::Command, command).await?;
+        }
     }
-    let mut command = Envelope::new(
-        format!("tern://schedule/{}", tick.schedule),
-        tick.command.ty.clone(),
-        tick.command.data.clone().into(),
-    )
-    .caused_by(ctx.envelope());
-    command
-        .datacontenttype
-        .clone_from(&tick.command.datacontenttype);
-    command.time = Some(UNIX_EPOCH + Duration::from_millis(tick.fire_at_ms));
-    command.set_dedup_id(fire_dedup_id(&tick.schedule, tick.fire_at_ms));
-    transport.send(Route::Command, command).await?;
     Ok(())
 }
 
@@ -271,6 +315,7 @@ impl Bus {
             schedule: name.to_string(),
             cadence,
             fire_at_ms: first,
+            phase: TickPhase::Wake,
             command: ScheduledCommand {
                 ty: C::TYPE.to_string(),
                 datacontenttype: Some(<C::Codec as Codec>::CONTENT_TYPE.to_string()),
@@ -286,7 +331,7 @@ impl Bus {
         declared.cancel().await?;
         drop(declared);
         let envelope = tick
-            .envelope(first, None)
+            .envelope(TickPhase::Wake, first, None)
             .map_err(|reason| BusError::Codec {
                 direction: "encode",
                 ty: ScheduleTick::TYPE.to_string(),
