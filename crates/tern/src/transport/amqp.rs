@@ -7,6 +7,14 @@
 //! and nothing needs a broker plugin, so the same topology works on a
 //! RabbitMQ cluster.
 //!
+//! Replay uses stream queues (`x-queue-type: stream`, `x-stream-offset`),
+//! which RabbitMQ has too; named replays (`x-stream-consumer-name`) and dedup
+//! ids need Tern, or plugins, and are switched on by [`AmqpOptions`]
+//! ([`AmqpOptions::tern`] switches on all of Tern's). Over AMQP a named
+//! replay cannot ask the broker for its committed offset, so it resumes
+//! there when it has one and starts at the stream's end when it is new
+//! (its `from` is not sent: it would override the committed offset).
+//!
 //! Sends use a channel in confirm mode: a send resolves on the broker's
 //! `basic.ack`, which RabbitMQ and Tern send only once the message is on
 //! disk. Commands and queries are published `mandatory`, so a type no

@@ -6,6 +6,9 @@
 //! finished, so a process killed mid-message handles it again on restart.
 //! The topology is the one in [`crate::transport`]'s docs, so an AMQP
 //! client looking at the same broker sees the same exchanges and queues.
+//! It carries every feature: delayed sends (the broker's durable timer
+//! index), dedup ids (deduplicating queues), replay (stream queues, with
+//! named consumers whose offsets the broker commits) and so schedules.
 
 use std::path::PathBuf;
 

@@ -12,8 +12,16 @@
 //!   handler), dead-letter, or requeue;
 //! - open a [`Transport::reply_inbox`] for request/reply.
 //!
+//! And, where the broker can: [`Transport::send_after`] (a durable delay),
+//! [`Transport::record_events`] and [`Transport::replay`] (event streams),
+//! and deduplication by an envelope's [`Envelope::dedup_id`] for services
+//! whose [`SubscriptionSpec::dedup`] asks for it. A transport that cannot
+//! answers [`TransportError::Unsupported`], naming itself and the feature.
+//!
 //! Delivery is at least once: a message is acked only after its handler
-//! finished, so a process that dies mid-message gets it redelivered.
+//! finished, so a process that dies mid-message gets it redelivered. A
+//! replay is ordered by stream offset and, when named, at least once: an
+//! event is committed when the next one is asked for.
 //!
 //! # Topology (embedded and AMQP)
 //! | name | what |
@@ -23,6 +31,12 @@
 //! | queue `SERVICE` | the service's shared subscription, bound to each type it handles |
 //! | queue `SERVICE.dlq` | messages that ran out of attempts, with the error in headers |
 //! | queue `SERVICE.retry.N` | AMQP only: attempt N waiting out its backoff (per-message TTL), then dead-lettered back to `SERVICE` |
+//! | stream queue `tern.stream.TYPE` (AMQP: `NAMESPACE.stream.TYPE`) | events of one type recorded for replay, bound to `tern.events` |
+//! | queue `tern.scheduler` (deduplicating) | the ticks of recurring schedules (see [`crate::schedule`]) |
+//!
+//! A service started with [`crate::Service::deduplicate`] has its queue
+//! declared with `x-message-deduplication` and `x-cache-ttl`; a dedup id
+//! travels as `x-deduplication-header`.
 //!
 //! The embedded transport needs no retry queues: a retry is a delayed
 //! publish to `SERVICE` through the broker's durable timer index, which
@@ -35,6 +49,7 @@
 //! | stream `TERN_COMMANDS` (`tern.commands.>`) | commands and queries, on subject `tern.commands.TYPE` |
 //! | durable pull consumer `SERVICE__TYPE` | the service's shared subscription, one per type it handles |
 //! | stream `TERN_DLQ` (`tern.dlq.>`) | dead letters, on subject `tern.dlq.SERVICE`, with the error in headers |
+//! | stream `TERN_LOG_TYPE` (sourced from `TERN_EVENTS`) | events of one type recorded for replay |
 //!
 //! Retries need no queues there: a retry is a `-NAK` with a delay, and
 //! JetStream holds the message. See [`nats`] for the details.

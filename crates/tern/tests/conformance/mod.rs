@@ -622,9 +622,7 @@ pub async fn handles_a_dedup_id_once<F: Fixture>(f: F) {
         )
         .await;
     if !f.deduplicates() {
-        let err = started
-            .err()
-            .expect("a service asking for dedup is refused");
+        let err = started.expect_err("a service asking for dedup is refused");
         assert!(is_unsupported(&err), "{err}");
         assert!(err.to_string().contains("deduplicate"), "{err}");
         let err = bus
