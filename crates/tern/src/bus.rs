@@ -55,12 +55,12 @@ impl SendOptions {
     /// publisher that retries a send after an error may deliver it twice;
     /// with an id derived from what the message means (an order number,
     /// say), the broker delivers the first send within its window and
-    /// confirms the others without delivering them. Embedded and AMQP (to
-    /// Tern) honour it for services started with
+    /// confirms the others without delivering them. Embedded, AMQP (to
+    /// Tern) and memory honour it for services started with
     /// [`crate::Service::deduplicate`]; NATS JetStream honours it in the
-    /// stream's duplicate window (two minutes by default). The memory
-    /// transport and AMQP without [`crate::transport::amqp::AmqpOptions::deduplication`]
-    /// refuse the send with [`TransportError::Unsupported`].
+    /// stream's duplicate window (two minutes by default). AMQP without
+    /// [`crate::transport::amqp::AmqpOptions::deduplication`] refuses the
+    /// send with [`TransportError::Unsupported`].
     pub fn dedup_id(mut self, id: impl Into<String>) -> SendOptions {
         self.dedup_id = Some(id.into());
         self

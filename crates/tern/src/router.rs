@@ -186,7 +186,8 @@ impl Service {
     /// AMQP to Tern: `x-message-deduplication` with `x-cache-ttl`, kept
     /// across broker restarts). A queue declared before without it must be
     /// deleted first (the broker refuses to change a queue's arguments).
-    /// NATS JetStream deduplicates within its stream's own window instead.
+    /// NATS JetStream deduplicates within its stream's own window instead;
+    /// the memory transport keeps the window in the process.
     /// Messages without a dedup id are never dropped as duplicates.
     pub fn deduplicate(mut self, window: Duration) -> Service {
         self.dedup = Some(window);

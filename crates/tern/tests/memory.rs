@@ -26,10 +26,6 @@ impl conformance::Fixture for MemoryFixture {
 
     async fn cleanup(&self, _service: &str) {}
 
-    fn deduplicates(&self) -> bool {
-        false
-    }
-
     fn replays(&self) -> conformance::Replays {
         conformance::Replays::No
     }
