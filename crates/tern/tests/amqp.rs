@@ -81,6 +81,16 @@ impl conformance::Fixture for AmqpFixture {
         self._tern.is_some()
     }
 
+    async fn forget_stream(&self, ty: &str) {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let name = format!("{}.stream.{ty}", self.namespace);
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+
     fn replays(&self) -> conformance::Replays {
         if self._tern.is_some() {
             conformance::Replays::Named

@@ -140,6 +140,10 @@ impl conformance::Fixture for NatsFixture {
         out
     }
 
+    async fn forget_stream(&self, ty: &str) {
+        self.forget_log_stream(ty).await;
+    }
+
     async fn cleanup(&self, service: &str) {
         let topology = self.topology();
         let js = self.admin.jetstream();
@@ -175,6 +179,13 @@ impl conformance::Fixture for NatsFixture {
                 let _ = js.delete_stream(&stream_name).await;
             }
         }
+    }
+}
+
+impl NatsFixture {
+    async fn forget_log_stream(&self, ty: &str) {
+        let name = self.topology().event_log_stream(ty);
+        let _ = self.admin.jetstream().delete_stream(&name).await;
     }
 }
 

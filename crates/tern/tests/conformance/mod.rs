@@ -34,6 +34,11 @@ pub trait Fixture: Send + Sync + 'static {
     fn replays(&self) -> Replays {
         Replays::Named
     }
+    /// Removes the recorded stream of an event type (on shared brokers).
+    fn forget_stream(&self, ty: &str) -> impl Future<Output = ()> + Send {
+        let _ = ty;
+        std::future::ready(())
+    }
 }
 
 /// How far a transport replays event streams.
