@@ -356,3 +356,80 @@ mod schedules {
         assert!(Cadence::cron("*/5 * * * * *").is_ok());
     }
 }
+
+mod dedup {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tern::transport::embedded::Embedded;
+    use tern::{Bus, Context, HandlerError, SendOptions, Service};
+    use tern_broker::{Broker, BrokerConfig, ExchangeName};
+
+    use crate::conformance::{eventually, DoWork};
+
+    /// A dead letter redriven into its deduplicating queue within the
+    /// window is handled: it is not a duplicate of itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redriven_dead_letter_is_not_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+        let bus = Bus::new(Embedded::with_broker(broker.clone()).await.unwrap());
+        let calls: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let sink = Arc::clone(&calls);
+        let running = bus
+            .start(
+                Service::new("billing")
+                    .deduplicate(Duration::from_secs(600))
+                    .on_command(move |_c: DoWork, _ctx: Context| {
+                        let mut calls = sink.lock().unwrap();
+                        let first = calls.is_empty();
+                        calls.push(first);
+                        std::future::ready(if first {
+                            Err(HandlerError::permanent("bad data, fixed later"))
+                        } else {
+                            Ok(())
+                        })
+                    }),
+            )
+            .await
+            .unwrap();
+        bus.send_with(
+            &DoWork { n: 1 },
+            SendOptions::default().dedup_id("invoice-7"),
+        )
+        .await
+        .unwrap();
+        let mut channel = broker
+            .open_channel("/", broker.new_connection_id())
+            .unwrap();
+        let mut dead = None;
+        eventually("the dead letter", || {
+            dead = channel.get("billing.dlq", true).unwrap();
+            dead.is_some()
+        })
+        .await;
+        let mut message = dead.unwrap().message;
+        message.exchange = ExchangeName::new("").unwrap();
+        message.routing_key = "billing".into();
+        broker
+            .publish("/", message)
+            .unwrap()
+            .confirmed()
+            .await
+            .unwrap();
+        eventually("the redriven message handled", || {
+            calls.lock().unwrap().len() == 2
+        })
+        .await;
+        // The original's dedup id still holds for new sends.
+        bus.send_with(
+            &DoWork { n: 1 },
+            SendOptions::default().dedup_id("invoice-7"),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*calls.lock().unwrap(), vec![true, false]);
+        running.shutdown().await.unwrap();
+    }
+}

@@ -75,9 +75,11 @@ impl AmqpShape {
         self.headers.push((name.to_string(), value.into()));
     }
 
-    /// Gives a copy of a message (a retry) a deduplication key of its own:
+    /// Gives a copy of a message (a retry, a dead letter) a deduplication
+    /// key of its own:
     /// on a deduplicating queue, the original's key (its dedup id, else its
-    /// message id) would have the copy dropped as a duplicate of itself.
+    /// message id) would have the copy (or its redrive) dropped as a
+    /// duplicate of itself.
     pub(crate) fn fresh_dedup_key(&mut self) {
         self.set_header(DEDUP_HEADER, format!("tern-copy-{}", uuid::Uuid::now_v7()));
     }
