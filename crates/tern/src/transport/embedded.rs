@@ -674,6 +674,9 @@ impl Settle for EmbeddedSettle {
                     let mut shape = self.copy_shape();
                     shape.set_header(ERROR_HEADER, error);
                     shape.set_header(FAILED_SERVICE_HEADER, self.service.clone());
+                    // A redrive back into a deduplicating queue is not a
+                    // duplicate (the dedup id stays in the envelope).
+                    shape.fresh_dedup_key();
                     let queue = dead_letter_queue(&self.service);
                     self.transport
                         .publish("", &queue, shape, self.message.body.clone())
