@@ -322,10 +322,21 @@ impl Bus {
                 data: data.to_vec(),
             },
         };
+        let transport = self.transport();
+        if !transport.delays_messages() {
+            return Err(crate::TransportError::Unsupported {
+                transport: transport.name(),
+                what: format!(
+                    "keep schedule `{name}`: a schedule is a chain of messages held for \
+                     later, and this transport cannot send a message for later (use the \
+                     embedded transport, or AMQP with AmqpOptions::tern())"
+                ),
+            }
+            .into());
+        }
         // Declares the scheduler's queue, deduplicating, so that the tick
         // has somewhere to go when due even if no scheduler runs yet (a
         // delayed command is not checked for a handler).
-        let transport = self.transport();
         let spec = scheduler().subscription_spec();
         let mut declared = transport.subscribe(spec).await?;
         declared.cancel().await?;

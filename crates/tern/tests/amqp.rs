@@ -260,7 +260,7 @@ mod scheduling {
             .await
             .unwrap_err();
         assert!(crate::conformance::is_unsupported(&err), "{err}");
-        assert!(err.to_string().contains("deduplicat"), "{err}");
+        assert!(err.to_string().contains("for later"), "{err}");
         fixture.cleanup(tern::schedule::SCHEDULER_SERVICE).await;
     }
 

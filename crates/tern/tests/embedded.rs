@@ -351,6 +351,7 @@ mod schedules {
             .unwrap_err();
         assert!(crate::conformance::is_unsupported(&err), "{err}");
         assert!(err.to_string().contains("memory"), "{err}");
+        assert!(err.to_string().contains("for later"), "{err}");
         let err = Cadence::cron("not a cron").unwrap_err();
         assert!(err.to_string().contains("not a cron"), "{err}");
         assert!(Cadence::cron("*/5 * * * * *").is_ok());

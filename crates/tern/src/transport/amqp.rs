@@ -582,6 +582,10 @@ impl Transport for Amqp {
         })
     }
 
+    fn delays_messages(&self) -> bool {
+        self.delayed.is_some()
+    }
+
     fn send_after(
         &self,
         route: Route,

@@ -306,6 +306,10 @@ impl Transport for Embedded {
         })
     }
 
+    fn delays_messages(&self) -> bool {
+        true
+    }
+
     fn send_after(
         &self,
         route: Route,

@@ -275,6 +275,12 @@ pub trait Transport: Send + Sync + 'static {
     /// durably.
     fn send(&self, route: Route, envelope: Envelope) -> BoxFuture<'_, Result<(), TransportError>>;
 
+    /// Whether [`Transport::send_after`] works: the broker holds messages
+    /// for later, durably.
+    fn delays_messages(&self) -> bool {
+        false
+    }
+
     /// Sends an event or a command to be delivered `delay` from now,
     /// durably: a send that returned survives a broker restart. Transports
     /// that cannot hold messages for later say so with
