@@ -788,6 +788,10 @@ pub async fn replays_from_an_offset_or_a_time<F: Fixture>(f: F) {
             .collect::<Vec<_>>(),
         (10..16).collect::<Vec<_>>()
     );
+    drop((all, suffix, since, next));
+    f.forget_stream(<EntryRecorded as tern::Message>::TYPE)
+        .await;
+    f.cleanup(&unique("replayer")).await;
 }
 
 /// A named replay resumes, after its bus was dropped and a new one
@@ -827,6 +831,10 @@ pub async fn a_named_replay_resumes_where_it_stopped<F: Fixture>(f: F) {
         got.iter().map(|e| e.1).collect::<Vec<_>>(),
         vec![4, 5, 6, 7, 8, 9]
     );
+    drop(resumed);
+    f.forget_stream(<EntryRecorded as tern::Message>::TYPE)
+        .await;
+    f.cleanup(&unique("replayer")).await;
 }
 
 /// Runs every scenario as its own test against a fixture expression.
