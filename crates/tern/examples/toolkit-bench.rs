@@ -120,6 +120,7 @@ async fn raw(
         events: vec!["bench.measured.v1".into()],
         commands: Vec::new(),
         prefetch: 256,
+        dedup: None,
     };
     let mut first = transport.subscribe(spec.clone()).await.expect("subscribe");
     first.cancel().await.expect("cancel");

@@ -33,6 +33,9 @@ pub struct SendOptions {
     pub subject: Option<String>,
     /// For [`Bus::request_with`], how long to wait for the answer.
     pub timeout: Option<Duration>,
+    /// The deduplication id: sends with the same id within the broker's
+    /// window are delivered once (see [`SendOptions::dedup_id`]).
+    pub dedup_id: Option<String>,
 }
 
 impl SendOptions {
@@ -45,6 +48,21 @@ impl SendOptions {
     /// Sets the subject.
     pub fn subject(mut self, subject: impl Into<String>) -> SendOptions {
         self.subject = Some(subject.into());
+        self
+    }
+
+    /// Sets the deduplication id. By default a message has none, and a
+    /// publisher that retries a send after an error may deliver it twice;
+    /// with an id derived from what the message means (an order number,
+    /// say), the broker delivers the first send within its window and
+    /// confirms the others without delivering them. Embedded, AMQP (to
+    /// Tern) and memory honour it for services started with
+    /// [`crate::Service::deduplicate`]; NATS JetStream honours it in the
+    /// stream's duplicate window (two minutes by default). AMQP without
+    /// [`crate::transport::amqp::AmqpOptions::deduplication`] refuses the
+    /// send with [`TransportError::Unsupported`].
+    pub fn dedup_id(mut self, id: impl Into<String>) -> SendOptions {
+        self.dedup_id = Some(id.into());
         self
     }
 
@@ -323,6 +341,9 @@ impl Bus {
         envelope.datacontenttype = Some(<M::Codec as Codec>::CONTENT_TYPE.to_string());
         envelope.partition_key.clone_from(&options.partition_key);
         envelope.subject.clone_from(&options.subject);
+        if let Some(id) = &options.dedup_id {
+            envelope.set_dedup_id(id.clone());
+        }
         if let Some(cause) = cause {
             envelope = envelope.caused_by(cause);
         }

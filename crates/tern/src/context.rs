@@ -38,6 +38,11 @@ impl Context {
         }
     }
 
+    /// The bus underneath, for the toolkit's own handlers.
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
     #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
     pub(crate) fn set_trace_parent(&mut self, traceparent: String) {
         self.trace_parent = Some(Arc::from(traceparent));

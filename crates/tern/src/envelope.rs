@@ -21,6 +21,10 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use uuid::Uuid;
 
+/// The CloudEvents extension carrying a message's deduplication id (see
+/// [`Envelope::dedup_id`]).
+pub const DEDUP_EXTENSION: &str = "terndedupid";
+
 /// The CloudEvents version Tern writes and reads.
 pub const SPEC_VERSION: &str = "1.0";
 
@@ -89,6 +93,20 @@ impl Envelope {
             extensions: BTreeMap::new(),
             data,
         }
+    }
+
+    /// The deduplication id the sender chose, if any: transports that
+    /// deduplicate hand it to the broker (AMQP's `x-deduplication-header`,
+    /// JetStream's `Nats-Msg-Id`), so a second send with the same id within
+    /// the window is accepted but not delivered again.
+    pub fn dedup_id(&self) -> Option<&str> {
+        self.extensions.get(DEDUP_EXTENSION).map(String::as_str)
+    }
+
+    /// Sets the deduplication id.
+    pub fn set_dedup_id(&mut self, id: impl Into<String>) {
+        self.extensions
+            .insert(DEDUP_EXTENSION.to_string(), id.into());
     }
 
     /// Makes this envelope an effect of `cause`: same conversation, caused

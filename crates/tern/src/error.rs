@@ -79,6 +79,12 @@ pub enum BusError {
         /// The handler's error.
         reason: String,
     },
+    /// A schedule is not valid.
+    #[error("invalid schedule: {reason}")]
+    InvalidSchedule {
+        /// What is wrong, naming the schedule or the expression.
+        reason: String,
+    },
     /// A service definition is not valid.
     #[error("service `{service}`: {reason}")]
     InvalidService {

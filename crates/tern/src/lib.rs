@@ -51,6 +51,10 @@
 //! - [`envelope`]: the CloudEvents envelope and its binary-mode mapping;
 //! - [`bus`]: sending; a send returns once the broker holds the message durably;
 //! - [`router`]: running a service; at least once, ordered per key, graceful shutdown;
+//! - [`replay`]: reading a recorded event stream from an offset or a time; ordered, and at
+//!   least once for a named replay, which resumes where it stopped;
+//! - [`schedule`]: recurring schedules kept in the broker as a chain of delayed ticks; at
+//!   least once, never twice for a deduplicating target;
 //! - [`middleware`]: retry, circuit breaker, rate limit, timeout, panic recovery, tracing, metrics;
 //! - [`transport`]: the transport interface, the topology, and each transport.
 
@@ -60,7 +64,9 @@ pub mod envelope;
 pub mod error;
 pub mod message;
 pub mod middleware;
+pub mod replay;
 pub mod router;
+pub mod schedule;
 pub mod testing;
 pub mod trace;
 pub mod transport;
@@ -70,4 +76,6 @@ pub use context::Context;
 pub use envelope::Envelope;
 pub use error::{BusError, HandlerError, TransportError};
 pub use message::{Codec, Command, Event, Json, Message, MessageKind, Query};
+pub use replay::{Replay, ReplayFrom, Replayed, Replaying};
 pub use router::{Running, Service};
+pub use schedule::Cadence;

@@ -55,6 +55,7 @@ pub struct Service {
     events: Vec<String>,
     commands: Vec<String>,
     prefetch: u16,
+    dedup: Option<Duration>,
     retry: Option<Retry>,
     timeout: Option<Duration>,
     tracing: bool,
@@ -92,6 +93,7 @@ impl Service {
             events: Vec::new(),
             commands: Vec::new(),
             prefetch: DEFAULT_PREFETCH,
+            dedup: None,
             retry: Some(Retry::default()),
             timeout: Some(DEFAULT_HANDLER_TIMEOUT),
             tracing: true,
@@ -176,6 +178,31 @@ impl Service {
     pub fn prefetch(mut self, prefetch: u16) -> Service {
         self.prefetch = prefetch.max(1);
         self
+    }
+
+    /// Has the broker drop duplicates of a dedup id (see
+    /// [`crate::SendOptions::dedup_id`]) sent to this service within
+    /// `window`: the service's queue is declared deduplicating (embedded and
+    /// AMQP to Tern: `x-message-deduplication` with `x-cache-ttl`, kept
+    /// across broker restarts). A queue declared before without it must be
+    /// deleted first (the broker refuses to change a queue's arguments).
+    /// NATS JetStream deduplicates within its stream's own window instead;
+    /// the memory transport keeps the window in the process.
+    /// Messages without a dedup id are never dropped as duplicates.
+    pub fn deduplicate(mut self, window: Duration) -> Service {
+        self.dedup = Some(window);
+        self
+    }
+
+    /// What the service subscribes to.
+    pub(crate) fn subscription_spec(&self) -> SubscriptionSpec {
+        SubscriptionSpec {
+            service: self.name.clone(),
+            events: self.events.clone(),
+            commands: self.commands.clone(),
+            prefetch: self.prefetch,
+            dedup: self.dedup,
+        }
     }
 
     /// Replaces the retry policy.
@@ -325,12 +352,7 @@ impl Bus {
                 reason: "it has no handlers: add some with on_event, on_command or on_query".into(),
             });
         }
-        let spec = SubscriptionSpec {
-            service: service.name.clone(),
-            events: service.events.clone(),
-            commands: service.commands.clone(),
-            prefetch: service.prefetch,
-        };
+        let spec = service.subscription_spec();
         let subscription = self.transport().subscribe(spec).await?;
         let pipeline = service.pipeline();
         let (stop_tx, stop_rx) = oneshot::channel();

@@ -70,8 +70,33 @@ impl conformance::Fixture for AmqpFixture {
     async fn bus(&self) -> Bus {
         let options = AmqpOptions::default()
             .namespace(&self.namespace)
-            .delayed_exchange(self.delayed);
+            .delayed_exchange(self.delayed)
+            .deduplication(self._tern.is_some())
+            .tracked_stream_offsets(self._tern.is_some());
         Bus::new(Amqp::connect_with(&self.url, options).await.unwrap())
+    }
+
+    fn deduplicates(&self) -> bool {
+        // RabbitMQ deduplicates only with a plugin CI does not install.
+        self._tern.is_some()
+    }
+
+    async fn forget_stream(&self, ty: &str) {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let name = format!("{}.stream.{ty}", self.namespace);
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    fn replays(&self) -> conformance::Replays {
+        if self._tern.is_some() {
+            conformance::Replays::Named
+        } else {
+            conformance::Replays::Unnamed
+        }
     }
 
     async fn dead_letters(&self, service: &str) -> Vec<Envelope> {
@@ -173,6 +198,70 @@ mod scheduling {
         assert_eq!(seen.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![0, 1]);
         assert!(seen[1].1 - sent >= Duration::from_millis(300));
         running.shutdown().await.unwrap();
+    }
+
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Tick {
+        n: u32,
+    }
+    tern::message!(command Tick = "amqp-schedule.tick.v1");
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recurring_schedule_runs_on_tern_over_amqp() {
+        let fixture = AmqpFixture::tern().await.unwrap();
+        let options = AmqpOptions::tern();
+        let bus = Bus::new(Amqp::connect_with(&fixture.url, options).await.unwrap());
+        let fires: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = Arc::clone(&fires);
+        let target = bus
+            .start(
+                Service::new("amqp-ticks")
+                    .deduplicate(Duration::from_secs(60))
+                    .on_command(move |_t: Tick, ctx: Context| {
+                        let id = ctx.envelope().dedup_id().unwrap_or_default().to_string();
+                        sink.lock().unwrap().push(id);
+                        std::future::ready(Ok(()))
+                    }),
+            )
+            .await
+            .unwrap();
+        let scheduler = bus.start(tern::schedule::scheduler()).await.unwrap();
+        bus.schedule(
+            "amqp-ticks",
+            tern::Cadence::every(Duration::from_millis(300)),
+            &Tick { n: 1 },
+        )
+        .await
+        .unwrap();
+        crate::conformance::eventually("three fires", || fires.lock().unwrap().len() >= 3).await;
+        let fires = fires.lock().unwrap().clone();
+        let distinct: std::collections::BTreeSet<_> = fires.iter().collect();
+        assert_eq!(distinct.len(), fires.len(), "no fire twice: {fires:?}");
+        assert!(
+            fires.iter().all(|f| tern::schedule::fire_time(f).is_some()),
+            "{fires:?}"
+        );
+        scheduler.shutdown().await.unwrap();
+        target.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rabbitmq_without_plugins_refuses_a_schedule_naming_what_it_lacks() {
+        let Some(fixture) = AmqpFixture::rabbitmq().await else {
+            return;
+        };
+        let bus = fixture.bus().await;
+        let err = bus
+            .schedule(
+                "nightly",
+                tern::Cadence::every(Duration::from_secs(60)),
+                &Tick { n: 1 },
+            )
+            .await
+            .unwrap_err();
+        assert!(crate::conformance::is_unsupported(&err), "{err}");
+        assert!(err.to_string().contains("for later"), "{err}");
+        fixture.cleanup(tern::schedule::SCHEDULER_SERVICE).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

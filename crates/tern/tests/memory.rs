@@ -25,6 +25,10 @@ impl conformance::Fixture for MemoryFixture {
     }
 
     async fn cleanup(&self, _service: &str) {}
+
+    fn replays(&self) -> conformance::Replays {
+        conformance::Replays::No
+    }
 }
 
 conformance_tests!(Some(MemoryFixture {

@@ -140,6 +140,10 @@ impl conformance::Fixture for NatsFixture {
         out
     }
 
+    async fn forget_stream(&self, ty: &str) {
+        self.forget_log_stream(ty).await;
+    }
+
     async fn cleanup(&self, service: &str) {
         let topology = self.topology();
         let js = self.admin.jetstream();
@@ -175,6 +179,13 @@ impl conformance::Fixture for NatsFixture {
                 let _ = js.delete_stream(&stream_name).await;
             }
         }
+    }
+}
+
+impl NatsFixture {
+    async fn forget_log_stream(&self, ty: &str) {
+        let name = self.topology().event_log_stream(ty);
+        let _ = self.admin.jetstream().delete_stream(&name).await;
     }
 }
 
@@ -393,4 +404,27 @@ async fn a_second_service_handling_the_same_command_is_refused() {
     again.shutdown().await.unwrap();
     // The refused service created nothing to clean up.
     f.cleanup(&first).await;
+}
+
+/// JetStream cannot hold a message for later, so a recurring schedule is
+/// refused with an error naming the transport and the feature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_is_refused_for_want_of_delayed_sends() {
+    let Some(f) = NatsFixture::new().await else {
+        return;
+    };
+    let err = f
+        .bus()
+        .await
+        .schedule(
+            "nightly",
+            tern::Cadence::every(Duration::from_secs(60)),
+            &DoWork { n: 1 },
+        )
+        .await
+        .unwrap_err();
+    assert!(conformance::is_unsupported(&err), "{err}");
+    assert!(err.to_string().contains("nats"), "{err}");
+    assert!(err.to_string().contains("for later"), "{err}");
+    f.cleanup(tern::schedule::SCHEDULER_SERVICE).await;
 }

@@ -7,6 +7,14 @@
 //! and nothing needs a broker plugin, so the same topology works on a
 //! RabbitMQ cluster.
 //!
+//! Replay uses stream queues (`x-queue-type: stream`, `x-stream-offset`),
+//! which RabbitMQ has too; named replays (`x-stream-consumer-name`) and dedup
+//! ids need Tern, or plugins, and are switched on by [`AmqpOptions`]
+//! ([`AmqpOptions::tern`] switches on all of Tern's). Over AMQP a named
+//! replay cannot ask the broker for its committed offset, so it resumes
+//! there when it has one and starts at the stream's end when it is new
+//! (its `from` is not sent: it would override the committed offset).
+//!
 //! Sends use a channel in confirm mode: a send resolves on the broker's
 //! `basic.ack`, which RabbitMQ and Tern send only once the message is on
 //! disk. Commands and queries are published `mandatory`, so a type no
@@ -27,10 +35,11 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use super::mapping::{attempt_of, AmqpShape, AMQP_PREFIX};
+use super::mapping::{attempt_of, dedup_window_ms, AmqpShape, AMQP_PREFIX};
 use super::{
-    dead_letter_queue, retry_queue, BoxFuture, Incoming, Outcome, ReplyInbox, Route, Settle,
-    Subscription, SubscriptionSpec, Transport, ATTEMPT_HEADER, ERROR_HEADER, FAILED_SERVICE_HEADER,
+    dead_letter_queue, retry_queue, BoxFuture, Incoming, Outcome, Recorded, ReplayFrom,
+    ReplaySource, ReplaySpec, ReplyInbox, Route, Settle, Subscription, SubscriptionSpec, Transport,
+    ATTEMPT_HEADER, ERROR_HEADER, FAILED_SERVICE_HEADER,
 };
 use crate::envelope::Envelope;
 use crate::error::TransportError;
@@ -49,6 +58,20 @@ pub struct AmqpOptions {
     /// wait their exact backoff in the broker instead of per-attempt retry
     /// queues, and `Bus::send_after` works. Off by default.
     pub delayed_exchange: bool,
+    /// Whether the broker deduplicates queues (`x-message-deduplication`
+    /// with `x-deduplication-header`: Tern does; RabbitMQ with its
+    /// message-deduplication plugin). With it, dedup ids
+    /// ([`crate::SendOptions::dedup_id`]) and deduplicating services
+    /// ([`crate::Service::deduplicate`]) work; without it they are refused,
+    /// since a broker that ignores the arguments would deliver duplicates
+    /// without a word. Off by default.
+    pub deduplication: bool,
+    /// Whether the broker tracks named stream consumers' offsets
+    /// (`x-stream-consumer-name`, a Tern extension; RabbitMQ keeps stream
+    /// offsets only over its stream protocol, not AMQP). With it a named
+    /// replay resumes where it left off; without it a named replay is
+    /// refused. Off by default.
+    pub tracked_stream_offsets: bool,
 }
 
 impl Default for AmqpOptions {
@@ -56,6 +79,8 @@ impl Default for AmqpOptions {
         AmqpOptions {
             namespace: "tern".to_string(),
             delayed_exchange: false,
+            deduplication: false,
+            tracked_stream_offsets: false,
         }
     }
 }
@@ -64,6 +89,29 @@ impl AmqpOptions {
     /// Uses `namespace`.
     pub fn namespace(mut self, namespace: impl Into<String>) -> AmqpOptions {
         self.namespace = namespace.into();
+        self
+    }
+
+    /// Everything Tern's broker has: delayed messages, deduplication and
+    /// tracked stream offsets.
+    pub fn tern() -> AmqpOptions {
+        AmqpOptions {
+            delayed_exchange: true,
+            deduplication: true,
+            tracked_stream_offsets: true,
+            ..AmqpOptions::default()
+        }
+    }
+
+    /// Uses the broker's deduplication (see the field).
+    pub fn deduplication(mut self, enabled: bool) -> AmqpOptions {
+        self.deduplication = enabled;
+        self
+    }
+
+    /// Uses the broker's tracked stream offsets (see the field).
+    pub fn tracked_stream_offsets(mut self, enabled: bool) -> AmqpOptions {
+        self.tracked_stream_offsets = enabled;
         self
     }
 
@@ -77,6 +125,7 @@ impl AmqpOptions {
 /// The AMQP transport. Clones share one connection.
 #[derive(Clone)]
 pub struct Amqp {
+    namespace: Arc<str>,
     events_exchange: Arc<str>,
     commands_exchange: Arc<str>,
     /// When the broker delays messages itself.
@@ -85,6 +134,8 @@ pub struct Amqp {
     publisher: Channel,
     target: Arc<str>,
     declared_retry_queues: Arc<Mutex<HashSet<String>>>,
+    deduplication: bool,
+    tracked_stream_offsets: bool,
 }
 
 impl std::fmt::Debug for Amqp {
@@ -182,6 +233,7 @@ impl Amqp {
             None
         };
         Ok(Amqp {
+            namespace: Arc::from(options.namespace.as_str()),
             delayed,
             events_exchange: Arc::from(events_exchange.as_str()),
             commands_exchange: Arc::from(commands_exchange.as_str()),
@@ -189,6 +241,8 @@ impl Amqp {
             publisher,
             target: Arc::from(target.as_str()),
             declared_retry_queues: Arc::default(),
+            deduplication: options.deduplication,
+            tracked_stream_offsets: options.tracked_stream_offsets,
         })
     }
 
@@ -229,6 +283,28 @@ impl Amqp {
             }),
             Confirmation::NotRequested => Ok(true),
         }
+    }
+
+    /// The stream queue recording events of type `ty`.
+    fn event_stream(&self, ty: &str) -> String {
+        format!("{}.stream.{ty}", self.namespace)
+    }
+
+    /// A dedup id needs a broker that deduplicates: one that ignores the
+    /// header would deliver every copy.
+    fn check_dedup_id(&self, envelope: &Envelope) -> Result<(), TransportError> {
+        if envelope.dedup_id().is_some() && !self.deduplication {
+            return Err(TransportError::Unsupported {
+                transport: NAME,
+                what: format!(
+                    "deduplicate `{}` by its dedup id without broker deduplication: connect \
+                     with AmqpOptions::deduplication(true) (Tern has it; RabbitMQ needs its \
+                     message-deduplication plugin)",
+                    envelope.ty
+                ),
+            });
+        }
+        Ok(())
     }
 
     async fn declare_queue(
@@ -483,6 +559,7 @@ impl Transport for Amqp {
 
     fn send(&self, route: Route, envelope: Envelope) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
+            self.check_dedup_id(&envelope)?;
             let (exchange, key, reply_to, mandatory) = match route {
                 Route::Event => (&*self.events_exchange, envelope.ty.clone(), None, false),
                 Route::Command => (&*self.commands_exchange, envelope.ty.clone(), None, true),
@@ -505,6 +582,10 @@ impl Transport for Amqp {
         })
     }
 
+    fn delays_messages(&self) -> bool {
+        self.delayed.is_some()
+    }
+
     fn send_after(
         &self,
         route: Route,
@@ -512,6 +593,7 @@ impl Transport for Amqp {
         delay: std::time::Duration,
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
+            self.check_dedup_id(&envelope)?;
             let Some(delayed) = &self.delayed else {
                 return Err(TransportError::Unsupported {
                     transport: NAME,
@@ -547,9 +629,26 @@ impl Transport for Amqp {
     ) -> BoxFuture<'_, Result<Box<dyn Subscription>, TransportError>> {
         Box::pin(async move {
             let service = spec.service.clone();
+            let mut arguments = FieldTable::default();
+            if let Some(window) = spec.dedup {
+                if !self.deduplication {
+                    return Err(TransportError::Unsupported {
+                        transport: NAME,
+                        what: format!(
+                            "deduplicate service '{service}' without broker deduplication: \
+                             connect with AmqpOptions::deduplication(true) (Tern has it; \
+                             RabbitMQ needs its message-deduplication plugin)"
+                        ),
+                    });
+                }
+                arguments.insert("x-message-deduplication".into(), AMQPValue::Boolean(true));
+                arguments.insert(
+                    "x-cache-ttl".into(),
+                    AMQPValue::LongLongInt(dedup_window_ms(window)),
+                );
+            }
             let channel = self.channel().await?;
-            self.declare_queue(&channel, &service, FieldTable::default())
-                .await?;
+            self.declare_queue(&channel, &service, arguments).await?;
             self.declare_queue(
                 &channel,
                 &dead_letter_queue(&service),
@@ -611,6 +710,104 @@ impl Transport for Amqp {
                 tag,
                 service,
             }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn record_events(&self, ty: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let ty = ty.to_string();
+        Box::pin(async move {
+            let stream = self.event_stream(&ty);
+            let channel = self.channel().await?;
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("stream".into()),
+            );
+            self.declare_queue(&channel, &stream, arguments).await?;
+            channel
+                .queue_bind(
+                    stream.as_str().into(),
+                    self.events_exchange.as_ref().into(),
+                    ty.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(failed(format!(
+                    "bind stream '{stream}' to '{}' with key '{ty}'",
+                    self.events_exchange
+                )))?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        })
+    }
+
+    fn replay(
+        &self,
+        spec: ReplaySpec,
+    ) -> BoxFuture<'_, Result<Box<dyn ReplaySource>, TransportError>> {
+        Box::pin(async move {
+            if spec.name.is_some() && !self.tracked_stream_offsets {
+                return Err(TransportError::Unsupported {
+                    transport: NAME,
+                    what: format!(
+                        "replay `{}` under a name without broker-tracked stream offsets: \
+                         connect with AmqpOptions::tracked_stream_offsets(true) (Tern has them; \
+                         RabbitMQ keeps stream offsets over its stream protocol only), or \
+                         replay without a name",
+                        spec.ty
+                    ),
+                });
+            }
+            self.record_events(&spec.ty).await?;
+            let stream = self.event_stream(&spec.ty);
+            let channel = self.channel().await?;
+            channel
+                .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
+                .await
+                .map_err(failed("set the replay's prefetch window"))?;
+            let mut arguments = FieldTable::default();
+            // A named replay resumes from its committed offset, which an
+            // `x-stream-offset` would override; over AMQP the transport
+            // cannot ask whether there is one, so a new name starts at the
+            // stream's end (see the module docs).
+            if spec.name.is_none() {
+                let offset = match spec.from {
+                    ReplayFrom::First => AMQPValue::LongString("first".into()),
+                    ReplayFrom::Next => AMQPValue::LongString("next".into()),
+                    ReplayFrom::Offset(n) => {
+                        AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
+                    }
+                    ReplayFrom::Time(t) => AMQPValue::Timestamp(
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                    ),
+                };
+                arguments.insert("x-stream-offset".into(), offset);
+            }
+            if let Some(name) = &spec.name {
+                arguments.insert(
+                    "x-stream-consumer-name".into(),
+                    AMQPValue::LongString(name.as_str().into()),
+                );
+            }
+            let tag = format!("tern-replay-{}", uuid::Uuid::now_v7().simple());
+            let consumer = channel
+                .basic_consume(
+                    stream.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    arguments,
+                )
+                .await
+                .map_err(failed(format!("replay stream '{stream}'")))?;
+            Ok(Box::new(AmqpReplay {
+                _channel: channel,
+                consumer,
+                stream,
+                previous: None,
+            }) as Box<dyn ReplaySource>)
         })
     }
 
@@ -794,6 +991,7 @@ impl Settle for AmqpSettle {
                     let mut shape = self.shape.clone();
                     shape.set_header(ATTEMPT_HEADER, (attempt + u32::from(attempted)).to_string());
                     shape.set_header(ERROR_HEADER, error);
+                    shape.fresh_dedup_key();
                     // Durable copy first, then the ack: at least once.
                     if let Some(delayed) = &self.transport.delayed {
                         shape.delay_ms = Some(delay_ms(after));
@@ -816,11 +1014,66 @@ impl Settle for AmqpSettle {
                     let mut shape = self.shape.clone();
                     shape.set_header(ERROR_HEADER, error);
                     shape.set_header(FAILED_SERVICE_HEADER, self.service.clone());
+                    // A redrive back into a deduplicating queue is not a
+                    // duplicate (the dedup id stays in the envelope).
+                    shape.fresh_dedup_key();
                     let queue = dead_letter_queue(&self.service);
                     self.transport
                         .publish("", &queue, shape, &self.body, false)
                         .await?;
                     self.ack().await
+                }
+            }
+        })
+    }
+}
+
+struct AmqpReplay {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+    stream: String,
+    /// The delivery returned last, acked when the next one is asked for.
+    previous: Option<lapin::Acker>,
+}
+
+impl ReplaySource for AmqpReplay {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Recorded, TransportError>>> {
+        Box::pin(async move {
+            if let Some(acker) = self.previous.take() {
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    return Some(Err(failed(format!(
+                        "acknowledge a replayed event of stream '{}'",
+                        self.stream
+                    ))(e)));
+                }
+            }
+            loop {
+                let delivery = match self.consumer.next().await? {
+                    Ok(delivery) => delivery,
+                    Err(e) => {
+                        return Some(Err(failed(format!("replay stream '{}'", self.stream))(e)))
+                    }
+                };
+                let headers = string_headers(&delivery.properties);
+                let offset = headers
+                    .iter()
+                    .find(|(k, _)| k == "x-stream-offset")
+                    .and_then(|(_, v)| v.parse::<u64>().ok());
+                let recorded = offset
+                    .ok_or_else(|| "it has no stream offset".to_string())
+                    .and_then(|offset| {
+                        envelope_of(&delivery.properties, &delivery.data)
+                            .map(|(envelope, _)| Recorded { offset, envelope })
+                    });
+                match recorded {
+                    Ok(recorded) => {
+                        self.previous = Some(delivery.acker);
+                        return Some(Ok(recorded));
+                    }
+                    Err(reason) => {
+                        tracing::warn!(stream = %self.stream, %reason, "skipping an event that is not a CloudEvent");
+                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                    }
                 }
             }
         })

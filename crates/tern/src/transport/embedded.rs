@@ -6,6 +6,9 @@
 //! finished, so a process killed mid-message handles it again on restart.
 //! The topology is the one in [`crate::transport`]'s docs, so an AMQP
 //! client looking at the same broker sees the same exchanges and queues.
+//! It carries every feature: delayed sends (the broker's durable timer
+//! index), dedup ids (deduplicating queues), replay (stream queues, with
+//! named consumers whose offsets the broker commits) and so schedules.
 
 use std::path::PathBuf;
 
@@ -17,11 +20,11 @@ use tern_broker::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::mapping::{attempt_of, AmqpShape, AMQP_PREFIX};
+use super::mapping::{attempt_of, dedup_window_ms, AmqpShape, AMQP_PREFIX};
 use super::{
-    dead_letter_queue, BoxFuture, Incoming, Outcome, ReplyInbox, Route, Settle, Subscription,
-    SubscriptionSpec, Transport, COMMANDS_EXCHANGE, ERROR_HEADER, EVENTS_EXCHANGE,
-    FAILED_SERVICE_HEADER,
+    dead_letter_queue, event_stream, BoxFuture, Incoming, Outcome, Recorded, ReplayFrom,
+    ReplaySource, ReplaySpec, ReplyInbox, Route, Settle, Subscription, SubscriptionSpec, Transport,
+    COMMANDS_EXCHANGE, ERROR_HEADER, EVENTS_EXCHANGE, FAILED_SERVICE_HEADER,
 };
 use crate::envelope::Envelope;
 use crate::error::TransportError;
@@ -228,6 +231,42 @@ fn envelope_of(message: &Message) -> Result<(Envelope, u32), String> {
     Ok((envelope, attempt_of(pairs())))
 }
 
+/// The consumer arguments of a replay: `x-stream-offset` unless a named
+/// replay has a committed offset to resume from (the argument would
+/// override it), and `x-stream-consumer-name` for a named one.
+pub(crate) fn replay_arguments(spec: &ReplaySpec, resumes: bool) -> FieldTable {
+    let mut args = FieldTable::new();
+    if !resumes {
+        let offset = match spec.from {
+            ReplayFrom::First => FieldValue::String("first".into()),
+            ReplayFrom::Next => FieldValue::String("next".into()),
+            ReplayFrom::Offset(n) => FieldValue::I64(i64::try_from(n).unwrap_or(i64::MAX)),
+            ReplayFrom::Time(t) => FieldValue::Timestamp(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
+        };
+        args.insert(tern_broker::stream::OFFSET_ARGUMENT.into(), offset);
+    }
+    if let Some(name) = &spec.name {
+        args.insert(
+            tern_broker::stream::CONSUMER_NAME_ARGUMENT.into(),
+            FieldValue::String(name.clone()),
+        );
+    }
+    args
+}
+
+/// The stream offset the broker writes on each delivery from a stream.
+pub(crate) fn offset_header<'a>(
+    mut headers: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Option<u64> {
+    headers
+        .find(|(k, _)| *k == tern_broker::stream::OFFSET_ARGUMENT)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 impl Transport for Embedded {
     fn name(&self) -> &'static str {
         NAME
@@ -267,6 +306,10 @@ impl Transport for Embedded {
         })
     }
 
+    fn delays_messages(&self) -> bool {
+        true
+    }
+
     fn send_after(
         &self,
         route: Route,
@@ -300,7 +343,17 @@ impl Transport for Embedded {
         Box::pin(async move {
             let service = spec.service.clone();
             self.refuse_second_handler(&spec)?;
-            self.declare_queue(QueueDeclare::new(&service)).await?;
+            let mut declare = QueueDeclare::new(&service);
+            if let Some(window) = spec.dedup {
+                declare
+                    .arguments
+                    .insert("x-message-deduplication".into(), FieldValue::Bool(true));
+                declare.arguments.insert(
+                    "x-cache-ttl".into(),
+                    FieldValue::I64(dedup_window_ms(window)),
+                );
+            }
+            self.declare_queue(declare).await?;
             self.declare_queue(QueueDeclare::new(dead_letter_queue(&service)))
                 .await?;
             let bindings = spec
@@ -346,6 +399,73 @@ impl Transport for Embedded {
                 incoming: incoming_rx,
                 control: control_tx,
             }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn record_events(&self, ty: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let ty = ty.to_string();
+        Box::pin(async move {
+            let stream = event_stream(&ty);
+            let mut declare = QueueDeclare::new(&stream);
+            declare
+                .arguments
+                .insert("x-queue-type".into(), FieldValue::String("stream".into()));
+            self.declare_queue(declare).await?;
+            self.broker
+                .bind_queue(
+                    VHOST,
+                    &stream,
+                    EVENTS_EXCHANGE,
+                    &ty,
+                    &FieldTable::new(),
+                    self.connection,
+                )
+                .await
+                .map_err(broker_error(format!(
+                    "bind stream '{stream}' to '{EVENTS_EXCHANGE}' with key '{ty}'"
+                )))
+        })
+    }
+
+    fn replay(
+        &self,
+        spec: ReplaySpec,
+    ) -> BoxFuture<'_, Result<Box<dyn ReplaySource>, TransportError>> {
+        Box::pin(async move {
+            self.record_events(&spec.ty).await?;
+            let stream = event_stream(&spec.ty);
+            let resumes = match &spec.name {
+                None => false,
+                Some(name) => self
+                    .broker
+                    .stream_offsets(VHOST, &stream)
+                    .map_err(broker_error(format!(
+                        "read the offsets of stream '{stream}'"
+                    )))?
+                    .consumers
+                    .iter()
+                    .any(|c| {
+                        c.name.as_ref().map(|n| n.as_str()) == Some(name.as_str())
+                            && c.committed.is_some()
+                    }),
+            };
+            let mut channel = self
+                .broker
+                .open_channel(VHOST, self.connection)
+                .map_err(broker_error("open channel"))?;
+            channel.qos(spec.prefetch.max(1), false);
+            let options = ConsumeOptions {
+                arguments: replay_arguments(&spec, resumes),
+                ..ConsumeOptions::default()
+            };
+            channel
+                .consume(&stream, options)
+                .map_err(broker_error(format!("replay stream '{stream}'")))?;
+            Ok(Box::new(EmbeddedReplay {
+                channel,
+                stream,
+                previous: None,
+            }) as Box<dyn ReplaySource>)
         })
     }
 
@@ -544,6 +664,7 @@ impl Settle for EmbeddedSettle {
                     let next = attempt + u32::from(attempted);
                     shape.set_header(super::ATTEMPT_HEADER, next.to_string());
                     shape.set_header(ERROR_HEADER, error);
+                    shape.fresh_dedup_key();
                     // Back into this service's queue only, when due, from
                     // the broker's durable timer index. The copy is durable
                     // before the original is acked: a crash in between
@@ -557,6 +678,9 @@ impl Settle for EmbeddedSettle {
                     let mut shape = self.copy_shape();
                     shape.set_header(ERROR_HEADER, error);
                     shape.set_header(FAILED_SERVICE_HEADER, self.service.clone());
+                    // A redrive back into a deduplicating queue is not a
+                    // duplicate (the dedup id stays in the envelope).
+                    shape.fresh_dedup_key();
                     let queue = dead_letter_queue(&self.service);
                     self.transport
                         .publish("", &queue, shape, self.message.body.clone())
@@ -588,6 +712,54 @@ impl ReplyInbox for EmbeddedInbox {
                             tracing::warn!(inbox = %self.address, %reason, "dropping an answer that is not a CloudEvent");
                         }
                     },
+                    ChannelEvent::Cancelled { .. } => return None,
+                }
+            }
+        })
+    }
+}
+
+struct EmbeddedReplay {
+    channel: Channel,
+    stream: String,
+    /// The delivery returned last, acked when the next one is asked for.
+    previous: Option<DeliveryTag>,
+}
+
+impl ReplaySource for EmbeddedReplay {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Recorded, TransportError>>> {
+        Box::pin(async move {
+            if let Some(tag) = self.previous.take() {
+                if let Err(e) = self.channel.ack(tag, false) {
+                    return Some(Err(broker_error(format!(
+                        "acknowledge a replayed event of stream '{}'",
+                        self.stream
+                    ))(e)));
+                }
+            }
+            loop {
+                match self.channel.recv().await? {
+                    ChannelEvent::Delivery(delivery) => {
+                        let headers = string_headers(&delivery.message.properties);
+                        let pairs = || headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                        let recorded = offset_header(pairs())
+                            .ok_or_else(|| "it has no stream offset".to_string())
+                            .and_then(|offset| {
+                                envelope_of(&delivery.message)
+                                    .map(|(envelope, _)| Recorded { offset, envelope })
+                            });
+                        match recorded {
+                            Ok(recorded) => {
+                                self.previous = Some(delivery.tag);
+                                return Some(Ok(recorded));
+                            }
+                            Err(reason) => {
+                                // Acked at once, so it is not read again.
+                                tracing::warn!(stream = %self.stream, %reason, "skipping an event that is not a CloudEvent");
+                                let _ = self.channel.ack(delivery.tag, false);
+                            }
+                        }
+                    }
                     ChannelEvent::Cancelled { .. } => return None,
                 }
             }

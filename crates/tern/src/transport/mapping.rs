@@ -16,6 +16,16 @@ use super::ATTEMPT_HEADER;
 /// The header prefix of CloudEvents attributes in AMQP.
 pub(crate) const AMQP_PREFIX: &str = "cloudEvents_";
 
+/// The header the broker's deduplication reads (RabbitMQ's plugin's name,
+/// which Tern's broker shares).
+pub(crate) const DEDUP_HEADER: &str = "x-deduplication-header";
+
+/// The queue arguments that make a queue drop duplicates seen within
+/// `window` (milliseconds, as `x-cache-ttl` takes them).
+pub(crate) fn dedup_window_ms(window: Duration) -> i64 {
+    i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
 /// A message in AMQP's terms, before it becomes one client's property type.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct AmqpShape {
@@ -38,6 +48,9 @@ impl AmqpShape {
     pub(crate) fn of(envelope: &Envelope, attempt: u32, reply_to: Option<String>) -> AmqpShape {
         let mut headers = envelope.to_headers(AMQP_PREFIX);
         headers.push((ATTEMPT_HEADER.to_string(), attempt.to_string()));
+        if let Some(id) = envelope.dedup_id() {
+            headers.push((DEDUP_HEADER.to_string(), id.to_string()));
+        }
         AmqpShape {
             headers,
             content_type: envelope.datacontenttype.clone(),
@@ -60,6 +73,15 @@ impl AmqpShape {
     pub(crate) fn set_header(&mut self, name: &str, value: impl Into<String>) {
         self.headers.retain(|(n, _)| n != name);
         self.headers.push((name.to_string(), value.into()));
+    }
+
+    /// Gives a copy of a message (a retry, a dead letter) a deduplication
+    /// key of its own:
+    /// on a deduplicating queue, the original's key (its dedup id, else its
+    /// message id) would have the copy (or its redrive) dropped as a
+    /// duplicate of itself.
+    pub(crate) fn fresh_dedup_key(&mut self) {
+        self.set_header(DEDUP_HEADER, format!("tern-copy-{}", uuid::Uuid::now_v7()));
     }
 
     /// Holds the message for `delay` in a queue before it expires onwards.

@@ -6,12 +6,16 @@
 //! instances of one service compete for its queue, a retry waits out its
 //! delay before the message comes back, dead letters are kept per service,
 //! and a message dropped unsettled (its handler's task died) is delivered
-//! again. It is not durable: everything is gone with the process. The
+//! again, and a deduplicating service lets in one message per dedup id
+//! within its window. It is not durable: everything is gone with the
+//! process, and it has no delayed sends (so no schedules) and no streams
+//! (so no replay). The
 //! conformance suite runs against it like against the real transports.
 //! [`crate::testing::TestHarness`] builds on it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -49,6 +53,29 @@ struct State {
     sent: Vec<(Route, Envelope)>,
     dead_letters: HashMap<String, Vec<DeadLetter>>,
     waiting_retries: usize,
+    /// The deduplicating services' windows of seen dedup ids.
+    dedup: HashMap<String, DedupWindow>,
+}
+
+#[derive(Debug)]
+struct DedupWindow {
+    window: Duration,
+    /// Dedup id to when it was first let in.
+    seen: HashMap<String, Instant>,
+}
+
+impl DedupWindow {
+    /// Whether `id` is new within the window (and remembers it if so).
+    fn admit(&mut self, id: &str) -> bool {
+        let now = Instant::now();
+        let window = self.window;
+        self.seen.retain(|_, at| now.duration_since(*at) < window);
+        if self.seen.contains_key(id) {
+            return false;
+        }
+        self.seen.insert(id.to_string(), now);
+        true
+    }
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +174,8 @@ impl Transport for Memory {
                 redelivered: false,
             };
             let targets: Vec<(String, Queued)> = {
-                let mut state = self.shared.lock();
+                let mut guard = self.shared.lock();
+                let state = &mut *guard;
                 state.sent.push((route.clone(), envelope.clone()));
                 match &route {
                     Route::Event => state
@@ -179,6 +207,21 @@ impl Transport for Memory {
                     }
                 }
             };
+            // A deduplicating service lets one message per dedup id in per
+            // window; the send itself succeeds, as a broker confirms a
+            // duplicate.
+            let targets: Vec<(String, Queued)> = match envelope.dedup_id() {
+                None => targets,
+                Some(id) => {
+                    let mut state = self.shared.lock();
+                    targets
+                        .into_iter()
+                        .filter(|(service, _)| {
+                            state.dedup.get_mut(service).is_none_or(|w| w.admit(id))
+                        })
+                        .collect()
+                }
+            };
             for (service, queued) in targets {
                 self.shared.enqueue(&service, queued, false);
             }
@@ -191,6 +234,16 @@ impl Transport for Memory {
         spec: SubscriptionSpec,
     ) -> BoxFuture<'_, Result<Box<dyn Subscription>, TransportError>> {
         Box::pin(async move {
+            if let Some(window) = spec.dedup {
+                self.shared
+                    .lock()
+                    .dedup
+                    .entry(spec.service.clone())
+                    .or_insert_with(|| DedupWindow {
+                        window,
+                        seen: HashMap::new(),
+                    });
+            }
             {
                 let mut state = self.shared.lock();
                 for ty in &spec.commands {

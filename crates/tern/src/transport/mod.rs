@@ -12,8 +12,16 @@
 //!   handler), dead-letter, or requeue;
 //! - open a [`Transport::reply_inbox`] for request/reply.
 //!
+//! And, where the broker can: [`Transport::send_after`] (a durable delay),
+//! [`Transport::record_events`] and [`Transport::replay`] (event streams),
+//! and deduplication by an envelope's [`Envelope::dedup_id`] for services
+//! whose [`SubscriptionSpec::dedup`] asks for it. A transport that cannot
+//! answers [`TransportError::Unsupported`], naming itself and the feature.
+//!
 //! Delivery is at least once: a message is acked only after its handler
-//! finished, so a process that dies mid-message gets it redelivered.
+//! finished, so a process that dies mid-message gets it redelivered. A
+//! replay is ordered by stream offset and, when named, at least once: an
+//! event is committed when the next one is asked for.
 //!
 //! # Topology (embedded and AMQP)
 //! | name | what |
@@ -23,6 +31,12 @@
 //! | queue `SERVICE` | the service's shared subscription, bound to each type it handles |
 //! | queue `SERVICE.dlq` | messages that ran out of attempts, with the error in headers |
 //! | queue `SERVICE.retry.N` | AMQP only: attempt N waiting out its backoff (per-message TTL), then dead-lettered back to `SERVICE` |
+//! | stream queue `tern.stream.TYPE` (AMQP: `NAMESPACE.stream.TYPE`) | events of one type recorded for replay, bound to `tern.events` |
+//! | queue `tern.scheduler` (deduplicating) | the ticks of recurring schedules (see [`crate::schedule`]) |
+//!
+//! A service started with [`crate::Service::deduplicate`] has its queue
+//! declared with `x-message-deduplication` and `x-cache-ttl`; a dedup id
+//! travels as `x-deduplication-header`.
 //!
 //! The embedded transport needs no retry queues: a retry is a delayed
 //! publish to `SERVICE` through the broker's durable timer index, which
@@ -35,13 +49,14 @@
 //! | stream `TERN_COMMANDS` (`tern.commands.>`) | commands and queries, on subject `tern.commands.TYPE` |
 //! | durable pull consumer `SERVICE__TYPE` | the service's shared subscription, one per type it handles |
 //! | stream `TERN_DLQ` (`tern.dlq.>`) | dead letters, on subject `tern.dlq.SERVICE`, with the error in headers |
+//! | stream `TERN_LOG_TYPE` (sourced from `TERN_EVENTS`) | events of one type recorded for replay |
 //!
 //! Retries need no queues there: a retry is a `-NAK` with a delay, and
 //! JetStream holds the message. See [`nats`] for the details.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::envelope::Envelope;
 use crate::error::TransportError;
@@ -69,6 +84,12 @@ pub const ATTEMPT_HEADER: &str = "tern-attempt";
 pub const ERROR_HEADER: &str = "tern-error";
 /// The header naming the service that dead-lettered a message.
 pub const FAILED_SERVICE_HEADER: &str = "tern-failed-service";
+
+/// The stream queue (embedded and AMQP) that records events of type `ty`
+/// for replay.
+pub fn event_stream(ty: &str) -> String {
+    format!("tern.stream.{ty}")
+}
 
 /// The queue of a service's dead letters.
 pub fn dead_letter_queue(service: &str) -> String {
@@ -114,6 +135,9 @@ pub struct SubscriptionSpec {
     pub commands: Vec<String>,
     /// How many unsettled messages one instance may hold at once.
     pub prefetch: u16,
+    /// When set, the broker drops a message whose dedup id it saw within
+    /// this window (see [`crate::SendOptions::dedup_id`]).
+    pub dedup: Option<Duration>,
 }
 
 /// How a handled message is settled.
@@ -186,6 +210,54 @@ pub trait Subscription: Send {
     fn cancel(&mut self) -> BoxFuture<'_, Result<(), TransportError>>;
 }
 
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// The oldest event the stream still holds.
+    First,
+    /// The event at this offset (0 is the first event ever recorded), or
+    /// the oldest held if that one has gone.
+    Offset(u64),
+    /// The first event recorded at or after this time. Embedded and AMQP
+    /// read it to the second (AMQP timestamps are whole seconds); NATS to
+    /// the nanosecond.
+    Time(SystemTime),
+    /// Only events recorded after the replay starts.
+    Next,
+}
+
+/// A replay to open: which event type, from where, and under which name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySpec {
+    /// The event type.
+    pub ty: String,
+    /// Where to start when there is no committed offset to resume from.
+    pub from: ReplayFrom,
+    /// A named replay's position is kept by the broker: reopened under the
+    /// same name, it resumes after the last event it moved past.
+    pub name: Option<String>,
+    /// How many events the broker sends ahead of the reader.
+    pub prefetch: u16,
+}
+
+/// One event read from a stream.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Its offset in the stream of its type, from 0.
+    pub offset: u64,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// An open replay. Reading the next event acknowledges the one before it
+/// (for a named replay, commits its offset), so a reader that dies while
+/// handling an event reads that event again when it resumes: at least once.
+pub trait ReplaySource: Send {
+    /// The next event, waiting for one to be recorded at the stream's end;
+    /// `None` once the connection is gone.
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Recorded, TransportError>>>;
+}
+
 /// Where the answers to one bus's queries arrive.
 pub trait ReplyInbox: Send {
     /// The address to put in a query's `reply_to`.
@@ -202,6 +274,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends an envelope along a route; resolves once the broker has it
     /// durably.
     fn send(&self, route: Route, envelope: Envelope) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// Whether [`Transport::send_after`] works: the broker holds messages
+    /// for later, durably.
+    fn delays_messages(&self) -> bool {
+        false
+    }
 
     /// Sends an event or a command to be delivered `delay` from now,
     /// durably: a send that returned survives a broker restart. Transports
@@ -232,6 +310,25 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         spec: SubscriptionSpec,
     ) -> BoxFuture<'_, Result<Box<dyn Subscription>, TransportError>>;
+
+    /// Starts recording events of type `ty` in a stream that can be
+    /// replayed (idempotent). Events published before are not in it.
+    fn record_events(&self, ty: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let what = format!("record events of type `{ty}` for replay (it has no streams)");
+        let transport = self.name();
+        Box::pin(async move { Err(TransportError::Unsupported { transport, what }) })
+    }
+
+    /// Opens a replay of a recorded event stream (recording it from now on
+    /// if it was not).
+    fn replay(
+        &self,
+        spec: ReplaySpec,
+    ) -> BoxFuture<'_, Result<Box<dyn ReplaySource>, TransportError>> {
+        let what = format!("replay events of type `{}` (it has no streams)", spec.ty);
+        let transport = self.name();
+        Box::pin(async move { Err(TransportError::Unsupported { transport, what }) })
+    }
 
     /// Opens an inbox for answers to queries, private to the caller.
     fn reply_inbox(&self) -> BoxFuture<'_, Result<Box<dyn ReplyInbox>, TransportError>>;

@@ -17,8 +17,10 @@
 //!
 //! The envelope travels in CloudEvents' binary mode: the body is the data,
 //! each attribute a `ce-` header, `datacontenttype` in `content-type`. The
-//! envelope id is also `Nats-Msg-Id`, so JetStream drops a duplicate publish
-//! within its duplicate window. A query's reply address is the
+//! envelope id (or the sender's dedup id, [`crate::SendOptions::dedup_id`])
+//! is also `Nats-Msg-Id`, so JetStream drops a duplicate publish within its
+//! duplicate window (the stream's, two minutes by default; a service's
+//! [`crate::Service::deduplicate`] window does not change it). A query's reply address is the
 //! `tern-reply-to` header (a JetStream publish uses the NATS reply subject
 //! for its own ack).
 //!
@@ -101,8 +103,8 @@ use futures_lite::StreamExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    BoxFuture, Incoming, Outcome, ReplyInbox, Route, Settle, Subscription, SubscriptionSpec,
-    Transport, ERROR_HEADER, FAILED_SERVICE_HEADER,
+    BoxFuture, Incoming, Outcome, Recorded, ReplayFrom, ReplaySource, ReplaySpec, ReplyInbox,
+    Route, Settle, Subscription, SubscriptionSpec, Transport, ERROR_HEADER, FAILED_SERVICE_HEADER,
 };
 use crate::envelope::Envelope;
 use crate::error::TransportError;
@@ -122,6 +124,8 @@ pub const DEFAULT_NAMESPACE: &str = "tern";
 /// How long JetStream waits for an ack before it delivers a message again,
 /// unless [`NatsOptions::ack_wait`] says otherwise.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a new log stream's source may take to attach.
+const SOURCE_ATTACH: Duration = Duration::from_secs(10);
 /// How long an idle consumer's pull request waits for a message.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// How long a positive "a consumer handles this command" answer is trusted.
@@ -189,6 +193,17 @@ impl Topology {
     /// The stream of events (`TERN_EVENTS`).
     pub fn events_stream(&self) -> String {
         self.stream("EVENTS")
+    }
+
+    /// The stream that records events of type `ty` for replay
+    /// (`TERN_LOG_orders_order-placed_v1`), sourced from the events stream.
+    pub fn event_log_stream(&self, ty: &str) -> String {
+        self.stream(&format!("LOG_{}", ty.replace('.', "_")))
+    }
+
+    /// The durable consumer of a named replay on a log stream.
+    pub fn replay_consumer(name: &str) -> String {
+        format!("replay__{}", name.replace('.', "_"))
     }
 
     /// The stream of commands and queries (`TERN_COMMANDS`).
@@ -512,6 +527,65 @@ impl Nats {
     }
 }
 
+/// JetStream's deduplication key for a send: the sender's dedup id when it
+/// chose one (so a retried send is stored once within the stream's
+/// duplicate window), else the envelope id (so a publish the client
+/// repeated after a lost ack is stored once).
+fn msg_id(envelope: &Envelope) -> &str {
+    envelope.dedup_id().unwrap_or(&envelope.id)
+}
+
+struct NatsReplay {
+    messages: pull::Stream,
+    stream: String,
+    /// The message returned last, acked when the next one is asked for.
+    previous: Option<jetstream::Message>,
+}
+
+impl ReplaySource for NatsReplay {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Recorded, TransportError>>> {
+        Box::pin(async move {
+            if let Some(message) = self.previous.take() {
+                if let Err(e) = message.double_ack().await {
+                    return Some(Err(broker_error(format!(
+                        "acknowledge a replayed event of stream '{}'",
+                        self.stream
+                    ))(e)));
+                }
+            }
+            loop {
+                let message = match self.messages.next().await? {
+                    Ok(message) => message,
+                    Err(e) => {
+                        return Some(Err(broker_error(format!(
+                            "replay stream '{}'",
+                            self.stream
+                        ))(e)))
+                    }
+                };
+                let sequence = message.info().map(|info| info.stream_sequence);
+                let pairs = header_pairs(message.headers.as_ref());
+                let recorded = sequence.map_err(|e| e.to_string()).and_then(|sequence| {
+                    envelope_of(&pairs, message.payload.clone()).map(|envelope| Recorded {
+                        offset: sequence.saturating_sub(1),
+                        envelope,
+                    })
+                });
+                match recorded {
+                    Ok(recorded) => {
+                        self.previous = Some(message);
+                        return Some(Ok(recorded));
+                    }
+                    Err(reason) => {
+                        tracing::warn!(stream = %self.stream, %reason, "skipping an event that is not a CloudEvent");
+                        let _ = message.ack().await;
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// Puts `value` in `headers` under `name`, or says which one cannot travel.
 fn put_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), TransportError> {
     let unsupported = |why: &str| TransportError::Unsupported {
@@ -592,7 +666,7 @@ impl Transport for Nats {
             let body = envelope.data.clone();
             match route {
                 Route::Event => {
-                    put_header(&mut headers, "Nats-Msg-Id", &envelope.id)?;
+                    put_header(&mut headers, "Nats-Msg-Id", msg_id(&envelope))?;
                     self.publish(topology.event_subject(&envelope.ty), headers, body)
                         .await
                 }
@@ -604,7 +678,7 @@ impl Transport for Nats {
                     if let Route::Query { reply_to } = &route {
                         put_header(&mut headers, REPLY_TO_HEADER, reply_to)?;
                     }
-                    put_header(&mut headers, "Nats-Msg-Id", &envelope.id)?;
+                    put_header(&mut headers, "Nats-Msg-Id", msg_id(&envelope))?;
                     self.publish(subject, headers, body).await
                 }
                 Route::Reply { to } => {
@@ -682,6 +756,147 @@ impl Transport for Nats {
                 incoming: incoming_rx,
                 stop: stop_tx,
             }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn record_events(&self, ty: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let ty = ty.to_string();
+        Box::pin(async move {
+            let topology = &self.inner.topology;
+            let name = topology.event_log_stream(&ty);
+            // The events stream keeps an event only while a consumer wants
+            // it; a log stream sourced from it (its own consumer, counted as
+            // interest) keeps them under limits retention.
+            let config = StreamConfig {
+                name: name.clone(),
+                retention: RetentionPolicy::Limits,
+                storage: StorageType::File,
+                sources: Some(vec![async_nats::jetstream::stream::Source {
+                    name: topology.events_stream(),
+                    filter_subject: Some(topology.event_subject(&ty)),
+                    ..Default::default()
+                }]),
+                ..StreamConfig::default()
+            };
+            self.inner
+                .jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(broker_error(format!("declare log stream '{name}'")))?;
+            let mut stream = self
+                .inner
+                .jetstream
+                .get_stream(&name)
+                .await
+                .map_err(broker_error(format!("read log stream '{name}'")))?;
+            // The server attaches the source's consumer in the background;
+            // an event published before that is not recorded. Wait for it,
+            // so that what is published after `record` returns is kept.
+            let deadline = Instant::now() + SOURCE_ATTACH;
+            loop {
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(broker_error(format!("read log stream '{name}'")))?;
+                if info.sources.iter().any(|s| s.active.is_some()) {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(TransportError::Broker {
+                        transport: NAME,
+                        operation: format!("declare log stream '{name}'"),
+                        reason: format!("its source did not attach within {SOURCE_ATTACH:?}"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    fn replay(
+        &self,
+        spec: ReplaySpec,
+    ) -> BoxFuture<'_, Result<Box<dyn ReplaySource>, TransportError>> {
+        Box::pin(async move {
+            self.record_events(&spec.ty).await?;
+            let stream = self.inner.topology.event_log_stream(&spec.ty);
+            let deliver_policy = match spec.from {
+                ReplayFrom::First => DeliverPolicy::All,
+                ReplayFrom::Next => DeliverPolicy::New,
+                ReplayFrom::Offset(n) => DeliverPolicy::ByStartSequence {
+                    start_sequence: n.saturating_add(1),
+                },
+                ReplayFrom::Time(t) => {
+                    let nanos = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as i128)
+                        .unwrap_or(0);
+                    let start_time = async_nats::datetime::from_nanos(nanos)
+                        .map_err(broker_error(format!("replay stream '{stream}' from {t:?}")))?;
+                    DeliverPolicy::ByStartTime { start_time }
+                }
+            };
+            let durable_name = spec.name.as_deref().map(Topology::replay_consumer);
+            let jetstream = &self.inner.jetstream;
+            let existing = match &durable_name {
+                Some(durable) => jetstream
+                    .get_consumer_from_stream::<pull::Config, _, _>(durable, &stream)
+                    .await
+                    .ok(),
+                None => None,
+            };
+            // A named replay that exists resumes after its ack floor. It is
+            // recreated there rather than reused: events its last reader had
+            // pulled but not acknowledged would otherwise wait out the ack
+            // wait before coming again.
+            let deliver_policy = match existing {
+                Some(mut consumer) => {
+                    let floor = consumer
+                        .info()
+                        .await
+                        .map_err(broker_error(format!("read replay consumer on '{stream}'")))?
+                        .ack_floor
+                        .stream_sequence;
+                    if let Some(durable) = &durable_name {
+                        jetstream
+                            .delete_consumer_from_stream(durable, &stream)
+                            .await
+                            .map_err(broker_error(format!(
+                                "recreate replay consumer '{durable}' on '{stream}'"
+                            )))?;
+                    }
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: floor + 1,
+                    }
+                }
+                None => deliver_policy,
+            };
+            let consumer: PullConsumer = jetstream
+                .create_consumer_on_stream(
+                    pull::Config {
+                        durable_name: durable_name.clone(),
+                        description: Some(format!("tern replay of `{}`", spec.ty)),
+                        deliver_policy,
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: self.inner.ack_wait,
+                        max_ack_pending: i64::from(spec.prefetch.max(1)),
+                        ..pull::Config::default()
+                    },
+                    &stream,
+                )
+                .await
+                .map_err(broker_error(format!(
+                    "declare replay consumer on stream '{stream}'"
+                )))?;
+            let messages = consumer
+                .messages()
+                .await
+                .map_err(broker_error(format!("replay stream '{stream}'")))?;
+            Ok(Box::new(NatsReplay {
+                messages,
+                stream,
+                previous: None,
+            }) as Box<dyn ReplaySource>)
         })
     }
 

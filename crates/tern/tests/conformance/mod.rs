@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tern::middleware::Retry;
-use tern::{Bus, BusError, Context, Envelope, HandlerError, SendOptions, Service, TransportError};
+use tern::{
+    Bus, BusError, Context, Envelope, HandlerError, Replay, ReplayFrom, Replaying, SendOptions,
+    Service, TransportError,
+};
 use tokio::sync::Notify;
 
 /// How a transport is set up for one scenario.
@@ -22,6 +25,62 @@ pub trait Fixture: Send + Sync + 'static {
     fn dead_letters(&self, service: &str) -> impl Future<Output = Vec<Envelope>> + Send;
     /// Removes what a scenario declared for `service` (on shared brokers).
     fn cleanup(&self, service: &str) -> impl Future<Output = ()> + Send;
+    /// Whether the transport, as this fixture sets it up, deduplicates by
+    /// dedup id. One that does not must refuse with an `Unsupported` error.
+    fn deduplicates(&self) -> bool {
+        true
+    }
+    /// How far the transport replays event streams.
+    fn replays(&self) -> Replays {
+        Replays::Named
+    }
+    /// Removes the recorded stream of an event type (on shared brokers).
+    fn forget_stream(&self, ty: &str) -> impl Future<Output = ()> + Send {
+        let _ = ty;
+        std::future::ready(())
+    }
+}
+
+/// How far a transport replays event streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replays {
+    /// Not at all: it says so.
+    No,
+    /// From an offset or a time, but it keeps no named positions.
+    Unnamed,
+    /// Also named replays that resume.
+    Named,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntryRecorded {
+    pub n: u32,
+}
+tern::message!(event EntryRecorded = "conformance.entry-recorded.v1");
+
+/// Reads `count` events from a replay, failing the test after 20 s.
+pub async fn read(replay: &mut Replaying<EntryRecorded>, count: usize) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let next = tokio::time::timeout(Duration::from_secs(20), replay.next())
+            .await
+            .expect("a replayed event within 20 s")
+            .expect("the replay is open")
+            .unwrap();
+        out.push((next.offset, next.event.n));
+    }
+    out
+}
+
+async fn publish_entries(bus: &Bus, range: std::ops::Range<u32>) {
+    for n in range {
+        bus.publish(&EntryRecorded { n }).await.unwrap();
+    }
+}
+
+/// Whether `err` is the transport saying it lacks a feature.
+pub fn is_unsupported(err: &BusError) -> bool {
+    matches!(err, BusError::Transport(TransportError::Unsupported { .. }))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -549,6 +608,235 @@ pub async fn shuts_down_gracefully_without_loss<F: Fixture>(f: F) {
     f.cleanup(&service).await;
 }
 
+/// The same dedup id sent twice is handled once; other ids and messages
+/// without one are all handled. A transport without deduplication refuses
+/// it with an error naming the feature.
+pub async fn handles_a_dedup_id_once<F: Fixture>(f: F) {
+    let bus = f.bus().await;
+    let service = unique("deduper");
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let started = bus
+        .start(
+            Service::new(&service)
+                .deduplicate(Duration::from_secs(60))
+                .on_command(move |c: DoWork, _ctx: Context| {
+                    sink.lock().unwrap().push(c.n);
+                    std::future::ready(Ok(()))
+                }),
+        )
+        .await;
+    if !f.deduplicates() {
+        let err = started.expect_err("a service asking for dedup is refused");
+        assert!(is_unsupported(&err), "{err}");
+        assert!(err.to_string().contains("deduplicate"), "{err}");
+        let err = bus
+            .send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id("x"))
+            .await
+            .unwrap_err();
+        assert!(is_unsupported(&err), "{err}");
+        f.cleanup(&service).await;
+        return;
+    }
+    let running = started.unwrap();
+    let once = format!("order-{}", uuid::Uuid::now_v7());
+    bus.send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id(&once))
+        .await
+        .unwrap();
+    // A publisher retrying after a lost confirm: accepted, not delivered.
+    bus.send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id(&once))
+        .await
+        .unwrap();
+    bus.send_with(
+        &DoWork { n: 2 },
+        SendOptions::default().dedup_id(format!("{once}-other")),
+    )
+    .await
+    .unwrap();
+    bus.send(&DoWork { n: 3 }).await.unwrap();
+    bus.send(&DoWork { n: 3 }).await.unwrap();
+    eventually("the distinct messages", || seen.lock().unwrap().len() >= 4).await;
+    // Anything the duplicate would have caused has arrived by now: it was
+    // sent before the last messages, on the same queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2, 3, 3]);
+    running.shutdown().await.unwrap();
+    f.cleanup(&service).await;
+}
+
+/// On a deduplicating service, a retried message (a copy of the original,
+/// with its dedup id or message id) is not mistaken for a duplicate.
+pub async fn retries_on_a_deduplicating_service<F: Fixture>(f: F) {
+    if !f.deduplicates() {
+        return;
+    }
+    let bus = f.bus().await;
+    let service = unique("dedup-retry");
+    let attempts: Arc<Mutex<Vec<(u32, u32)>>> = Arc::default();
+    let sink = Arc::clone(&attempts);
+    let running = bus
+        .start(
+            Service::new(&service)
+                .deduplicate(Duration::from_secs(60))
+                .retry(
+                    Retry::exponential(Duration::from_millis(20), Duration::from_millis(50))
+                        .max_attempts(3),
+                )
+                .on_command(move |c: DoWork, ctx: Context| {
+                    sink.lock().unwrap().push((c.n, ctx.attempt()));
+                    let result = if ctx.attempt() == 1 {
+                        Err(HandlerError::transient("not yet"))
+                    } else {
+                        Ok(())
+                    };
+                    std::future::ready(result)
+                }),
+        )
+        .await
+        .unwrap();
+    bus.send_with(&DoWork { n: 1 }, SendOptions::default().dedup_id("retried"))
+        .await
+        .unwrap();
+    bus.send(&DoWork { n: 2 }).await.unwrap();
+    eventually("both handled on their second attempt", || {
+        attempts.lock().unwrap().len() == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got = attempts.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 1), (1, 2), (2, 1), (2, 2)]);
+    assert!(f.dead_letters(&service).await.is_empty());
+    running.shutdown().await.unwrap();
+    f.cleanup(&service).await;
+}
+
+/// A recorded stream replays from the first event, from an offset, from a
+/// time and from the end: each gives exactly the right suffix, in order.
+pub async fn replays_from_an_offset_or_a_time<F: Fixture>(f: F) {
+    let bus = f.bus().await;
+    let recorded = bus.record::<EntryRecorded>().await;
+    if f.replays() == Replays::No {
+        let err = recorded.unwrap_err();
+        assert!(is_unsupported(&err), "{err}");
+        assert!(err.to_string().contains("replay"), "{err}");
+        return;
+    }
+    recorded.unwrap();
+    publish_entries(&bus, 0..10).await;
+    let mut all = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::First))
+        .await
+        .unwrap();
+    let got = read(&mut all, 10).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    let first = got[0].0;
+    let offsets: Vec<u64> = got.iter().map(|e| e.0).collect();
+    assert_eq!(
+        offsets,
+        (first..first + 10).collect::<Vec<_>>(),
+        "offsets are consecutive"
+    );
+
+    let mut suffix = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::Offset(first + 4)))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&mut suffix, 6).await,
+        got[4..].to_vec(),
+        "from an offset: that event and the ones after it"
+    );
+
+    // Whole seconds: AMQP timestamps have no finer grain.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let boundary = Duration::from_secs(now.as_secs() + 1);
+    tokio::time::sleep(boundary - now + Duration::from_millis(20)).await;
+    publish_entries(&bus, 10..15).await;
+    let mut since = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::Time(
+            std::time::UNIX_EPOCH + boundary,
+        )))
+        .await
+        .unwrap();
+    let got = read(&mut since, 5).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        (10..15).collect::<Vec<_>>()
+    );
+
+    let mut next = bus
+        .replay::<EntryRecorded>(Replay::from(ReplayFrom::Next))
+        .await
+        .unwrap();
+    // The consumer is attached once `replay` returned; what follows is new.
+    publish_entries(&bus, 15..16).await;
+    assert_eq!(read(&mut next, 1).await[0].1, 15);
+    // The live reader of the first replay sees the later events too.
+    assert_eq!(
+        read(&mut all, 6)
+            .await
+            .iter()
+            .map(|e| e.1)
+            .collect::<Vec<_>>(),
+        (10..16).collect::<Vec<_>>()
+    );
+    drop((all, suffix, since, next));
+    f.forget_stream(<EntryRecorded as tern::Message>::TYPE)
+        .await;
+    f.cleanup(&unique("replayer")).await;
+}
+
+/// A named replay resumes, after its bus was dropped and a new one
+/// connected, at the first event it had not moved past.
+pub async fn a_named_replay_resumes_where_it_stopped<F: Fixture>(f: F) {
+    let bus = f.bus().await;
+    let name = unique("auditor");
+    let opened = bus
+        .replay::<EntryRecorded>(Replay::named(&name, ReplayFrom::First))
+        .await;
+    match f.replays() {
+        Replays::Named => {}
+        Replays::Unnamed | Replays::No => {
+            let err = opened.unwrap_err();
+            assert!(is_unsupported(&err), "{err}");
+            return;
+        }
+    }
+    let mut replay = opened.unwrap();
+    publish_entries(&bus, 0..10).await;
+    let got = read(&mut replay, 5).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    // Event 4 was being handled when the process stopped: not committed.
+    drop(replay);
+    drop(bus);
+    let bus = f.bus().await;
+    // `from` applies only to a replay with no position yet.
+    let mut resumed = bus
+        .replay::<EntryRecorded>(Replay::named(&name, ReplayFrom::First))
+        .await
+        .unwrap();
+    let got = read(&mut resumed, 6).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![4, 5, 6, 7, 8, 9]
+    );
+    drop(resumed);
+    f.forget_stream(<EntryRecorded as tern::Message>::TYPE)
+        .await;
+    f.cleanup(&unique("replayer")).await;
+}
+
 /// Runs every scenario as its own test against a fixture expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -566,6 +854,10 @@ macro_rules! conformance_tests {
             propagates_correlation_and_causation,
             redelivers_when_a_consumer_dies,
             shuts_down_gracefully_without_loss,
+            handles_a_dedup_id_once,
+            retries_on_a_deduplicating_service,
+            replays_from_an_offset_or_a_time,
+            a_named_replay_resumes_where_it_stopped,
         );
     };
     (@each $fixture:expr; $($scenario:ident,)*) => {
