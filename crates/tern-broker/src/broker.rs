@@ -1834,7 +1834,10 @@ impl Broker {
         queues
             .iter()
             .filter(|q| !q.refuses(&message))
-            .filter_map(|q| q.append(&message).ok())
+            // Through the queue's deduplication window like any arrival:
+            // a delayed message reaches its queue only now.
+            .filter_map(|q| q.append_published(&message).ok())
+            .flatten()
             .collect()
     }
 

@@ -212,3 +212,44 @@ async fn publish_delayed_checks_its_exchange_now_and_drops_what_cannot_route_lat
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(broker.delayed_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_message_passes_its_queues_deduplication_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let conn = broker.new_connection_id();
+    broker
+        .declare_exchange("/", delayed_exchange("later", "direct"))
+        .await
+        .unwrap();
+    let mut jobs = QueueDeclare::new("jobs");
+    jobs.arguments
+        .insert("x-message-deduplication".into(), FieldValue::Bool(true));
+    broker.declare_queue("/", jobs, conn).await.unwrap();
+    broker
+        .bind_queue("/", "jobs", "later", "job", &FieldTable::new(), conn)
+        .await
+        .unwrap();
+    // Two delayed copies of one message (same deduplication key), and one
+    // other message, all due at once.
+    for (body, key) in [("a", "k1"), ("a again", "k1"), ("b", "k2")] {
+        let mut m = message("later", "job", body, Some(100));
+        m.properties
+            .headers
+            .get_or_insert_with(FieldTable::new)
+            .insert("x-deduplication-header".into(), FieldValue::String(key.into()));
+        broker.publish("/", m).unwrap().confirmed().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while broker.queue_info("/", "jobs").unwrap().ready < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Time for a wrongly admitted duplicate to arrive too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        broker.queue_info("/", "jobs").unwrap().ready,
+        2,
+        "the second copy of k1 is a duplicate in the queue's window"
+    );
+    broker.close();
+}
