@@ -237,7 +237,10 @@ async fn a_due_message_passes_its_queues_deduplication_window() {
         m.properties
             .headers
             .get_or_insert_with(FieldTable::new)
-            .insert("x-deduplication-header".into(), FieldValue::String(key.into()));
+            .insert(
+                "x-deduplication-header".into(),
+                FieldValue::String(key.into()),
+            );
         broker.publish("/", m).unwrap().confirmed().await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -546,12 +546,14 @@ fn run_model(ops: &[Op]) {
                         continue;
                     }
                     let end = log.len() as u64;
-                    let position = match spec {
-                        Spec::First => 0,
-                        Spec::Last => end.saturating_sub(1),
-                        Spec::Next => end,
-                        Spec::Offset(o) => (*o).min(end),
-                        Spec::Resume => committed[*slot].filter(|_| *named).unwrap_or(end),
+                    // A name's commit wins over any x-stream-offset, which
+                    // only places a name that has none yet.
+                    let position = match (committed[*slot].filter(|_| *named), spec) {
+                        (Some(at), _) => at,
+                        (None, Spec::First) => 0,
+                        (None, Spec::Last) => end.saturating_sub(1),
+                        (None, Spec::Next | Spec::Resume) => end,
+                        (None, Spec::Offset(o)) => (*o).min(end),
                     };
                     let mut args = Vec::new();
                     let name = format!("c{slot}");

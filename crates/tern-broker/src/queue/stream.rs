@@ -204,8 +204,15 @@ impl Queue {
         format!("queue '{}' in vhost '{}'", self.name, self.vhost)
     }
 
-    /// Where a new consumer starts: its `x-stream-offset`, else a named
-    /// consumer's committed offset, else the end (RabbitMQ's default, `next`).
+    /// Where a new consumer starts: a named consumer's committed offset,
+    /// else its `x-stream-offset`, else the end (RabbitMQ's default, `next`).
+    ///
+    /// The commit wins over `x-stream-offset`, as a Kafka group's committed
+    /// offset wins over `auto.offset.reset`: a client can then always send
+    /// "first" (say) and get "resume where my name left off, or from the
+    /// start the first time", which AMQP has no other way to ask for. It is
+    /// also what a consumer group's member gets. To read again from
+    /// elsewhere, a consumer attaches under another name.
     fn stream_start(
         &self,
         spec: Option<OffsetSpec>,
@@ -217,8 +224,11 @@ impl Queue {
                 .reader(Offset(o.clamp(start, end)))
                 .map_err(storage)
         };
+        if let Some(committed) = committed {
+            return at(committed);
+        }
         match spec {
-            None => at(committed.unwrap_or(end)),
+            None => at(end),
             Some(OffsetSpec::First) => at(start),
             Some(OffsetSpec::Last) => at(end.saturating_sub(1)),
             Some(OffsetSpec::Next) => at(end),

@@ -10,10 +10,10 @@
 //! Replay uses stream queues (`x-queue-type: stream`, `x-stream-offset`),
 //! which RabbitMQ has too; named replays (`x-stream-consumer-name`) and dedup
 //! ids need Tern, or plugins, and are switched on by [`AmqpOptions`]
-//! ([`AmqpOptions::tern`] switches on all of Tern's). Over AMQP a named
-//! replay cannot ask the broker for its committed offset, so it resumes
-//! there when it has one and starts at the stream's end when it is new
-//! (its `from` is not sent: it would override the committed offset).
+//! ([`AmqpOptions::tern`] switches on all of Tern's). A named replay sends
+//! its `from` too: Tern lets a name's committed offset win over
+//! `x-stream-offset`, so a new name starts at `from` and a known one resumes
+//! where it stopped.
 //!
 //! Sends use a channel in confirm mode: a send resolves on the broker's
 //! `basic.ack`, which RabbitMQ and Tern send only once the message is on
@@ -767,25 +767,21 @@ impl Transport for Amqp {
                 .await
                 .map_err(failed("set the replay's prefetch window"))?;
             let mut arguments = FieldTable::default();
-            // A named replay resumes from its committed offset, which an
-            // `x-stream-offset` would override; over AMQP the transport
-            // cannot ask whether there is one, so a new name starts at the
-            // stream's end (see the module docs).
-            if spec.name.is_none() {
-                let offset = match spec.from {
-                    ReplayFrom::First => AMQPValue::LongString("first".into()),
-                    ReplayFrom::Next => AMQPValue::LongString("next".into()),
-                    ReplayFrom::Offset(n) => {
-                        AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
-                    }
-                    ReplayFrom::Time(t) => AMQPValue::Timestamp(
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0),
-                    ),
-                };
-                arguments.insert("x-stream-offset".into(), offset);
-            }
+            // A name's committed offset wins over this on Tern, so it is
+            // where a new name starts.
+            let offset = match spec.from {
+                ReplayFrom::First => AMQPValue::LongString("first".into()),
+                ReplayFrom::Next => AMQPValue::LongString("next".into()),
+                ReplayFrom::Offset(n) => {
+                    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
+                }
+                ReplayFrom::Time(t) => AMQPValue::Timestamp(
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                ),
+            };
+            arguments.insert("x-stream-offset".into(), offset);
             if let Some(name) = &spec.name {
                 arguments.insert(
                     "x-stream-consumer-name".into(),

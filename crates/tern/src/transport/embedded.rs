@@ -231,24 +231,23 @@ fn envelope_of(message: &Message) -> Result<(Envelope, u32), String> {
     Ok((envelope, attempt_of(pairs())))
 }
 
-/// The consumer arguments of a replay: `x-stream-offset` unless a named
-/// replay has a committed offset to resume from (the argument would
-/// override it), and `x-stream-consumer-name` for a named one.
-pub(crate) fn replay_arguments(spec: &ReplaySpec, resumes: bool) -> FieldTable {
+/// The consumer arguments of a replay: `x-stream-offset` from `from`, and
+/// `x-stream-consumer-name` for a named one. The broker lets a name's
+/// committed offset win over `x-stream-offset`, so `from` is where a new
+/// name starts and a known one resumes where it stopped.
+pub(crate) fn replay_arguments(spec: &ReplaySpec) -> FieldTable {
     let mut args = FieldTable::new();
-    if !resumes {
-        let offset = match spec.from {
-            ReplayFrom::First => FieldValue::String("first".into()),
-            ReplayFrom::Next => FieldValue::String("next".into()),
-            ReplayFrom::Offset(n) => FieldValue::I64(i64::try_from(n).unwrap_or(i64::MAX)),
-            ReplayFrom::Time(t) => FieldValue::Timestamp(
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            ),
-        };
-        args.insert(tern_broker::stream::OFFSET_ARGUMENT.into(), offset);
-    }
+    let offset = match spec.from {
+        ReplayFrom::First => FieldValue::String("first".into()),
+        ReplayFrom::Next => FieldValue::String("next".into()),
+        ReplayFrom::Offset(n) => FieldValue::I64(i64::try_from(n).unwrap_or(i64::MAX)),
+        ReplayFrom::Time(t) => FieldValue::Timestamp(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        ),
+    };
+    args.insert(tern_broker::stream::OFFSET_ARGUMENT.into(), offset);
     if let Some(name) = &spec.name {
         args.insert(
             tern_broker::stream::CONSUMER_NAME_ARGUMENT.into(),
@@ -455,7 +454,7 @@ impl Transport for Embedded {
                 .map_err(broker_error("open channel"))?;
             channel.qos(spec.prefetch.max(1), false);
             let options = ConsumeOptions {
-                arguments: replay_arguments(&spec, resumes),
+                arguments: replay_arguments(&spec),
                 ..ConsumeOptions::default()
             };
             channel

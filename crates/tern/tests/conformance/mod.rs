@@ -832,6 +832,18 @@ pub async fn a_named_replay_resumes_where_it_stopped<F: Fixture>(f: F) {
         vec![4, 5, 6, 7, 8, 9]
     );
     drop(resumed);
+    // A name with no position yet starts at `from`, here the first event
+    // (10 events were recorded before it existed).
+    let mut fresh = bus
+        .replay::<EntryRecorded>(Replay::named(unique("newcomer"), ReplayFrom::First))
+        .await
+        .unwrap();
+    let got = read(&mut fresh, 10).await;
+    assert_eq!(
+        got.iter().map(|e| e.1).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    drop(fresh);
     f.forget_stream(<EntryRecorded as tern::Message>::TYPE)
         .await;
     f.cleanup(&unique("replayer")).await;
