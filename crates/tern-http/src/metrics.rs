@@ -247,10 +247,14 @@ pub(crate) fn render(state: &AppState) -> String {
     out
 }
 
-/// The broker's message counters summed over every queue and exchange, from
-/// the recorder's current values, for the overview: `None` without a
-/// recorder. Keys are the counter names less `tern_` and `_total`.
-pub(crate) fn message_totals(state: &AppState) -> Option<BTreeMap<&'static str, f64>> {
+/// The broker's message counters summed over every queue and exchange of
+/// the vhosts `sees` keeps, from the recorder's current values, for the
+/// overview: `None` without a recorder. Keys are the counter names less
+/// `tern_` and `_total`.
+pub(crate) fn message_totals(
+    state: &AppState,
+    sees: &dyn Fn(&str) -> bool,
+) -> Option<BTreeMap<&'static str, f64>> {
     const TOTALS: [(&str, &str); 6] = [
         ("tern_queue_messages_published_total", "published"),
         ("tern_queue_messages_delivered_total", "delivered"),
@@ -266,11 +270,13 @@ pub(crate) fn message_totals(state: &AppState) -> Option<BTreeMap<&'static str, 
         let Some((_, key)) = TOTALS.iter().find(|(name, _)| *name == family) else {
             continue;
         };
-        let value = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let Some((_, labels, value)) = crate::rates::split_sample(line) else {
+            continue;
+        };
+        let vhost = labels.iter().find(|(k, _)| k == "vhost").map(|(_, v)| v);
+        if !vhost.is_some_and(|v| sees(v)) {
+            continue;
+        }
         if let Some(total) = totals.get_mut(key) {
             *total += value;
         }

@@ -90,10 +90,13 @@ struct Counters {
 }
 
 impl Counters {
-    fn total(&self) -> QueueCounters {
+    /// The counters summed over the queues of the vhosts `sees` keeps.
+    fn total(&self, sees: &dyn Fn(&str) -> bool) -> QueueCounters {
         let mut total = QueueCounters::default();
-        for c in self.queues.values() {
-            total.add(c);
+        for ((vhost, _), c) in &self.queues {
+            if sees(vhost) {
+                total.add(c);
+            }
         }
         total
     }
@@ -151,13 +154,14 @@ impl Rates {
         Some((newest, with.next()))
     }
 
-    /// The overview's `message_stats`: totals over every queue with their
-    /// rates; None without a recorder or before the first sample.
-    pub(crate) fn overview_stats(&self) -> Option<Map<String, Value>> {
+    /// The overview's `message_stats`: totals over every queue of the
+    /// vhosts `sees` keeps, with their rates; None without a recorder or
+    /// before the first sample.
+    pub(crate) fn overview_stats(&self, sees: &dyn Fn(&str) -> bool) -> Option<Map<String, Value>> {
         let samples = self.samples();
         let (newest, older) = Rates::last_two(&samples)?;
-        let now = newest.counters.as_ref()?.total();
-        let before = older.and_then(|o| o.counters.as_ref().map(Counters::total));
+        let now = newest.counters.as_ref()?.total(sees);
+        let before = older.and_then(|o| o.counters.as_ref().map(|c| c.total(sees)));
         Some(stats(
             &QueueCounters::KEYS,
             &now.values(),
@@ -224,16 +228,16 @@ impl Rates {
         )))
     }
 
-    /// `GET /api/rates`: the history, oldest first. Each point's rates are
-    /// over the interval that ends at it (the first point has none); each
-    /// queue's depths line up with the points (null where it did not
-    /// exist).
-    pub(crate) fn history(&self) -> Value {
+    /// `GET /api/rates`: the history of the vhosts `sees` keeps, oldest
+    /// first. Each point's rates are over the interval that ends at it (the
+    /// first point has none); each queue's depths line up with the points
+    /// (null where it did not exist).
+    pub(crate) fn history(&self, sees: &dyn Fn(&str) -> bool) -> Value {
         let samples = self.samples();
         let mut points = Vec::with_capacity(samples.len());
         let mut queues: BTreeMap<&Entity, Vec<Value>> = BTreeMap::new();
         for s in samples.iter() {
-            for key in s.depths.keys() {
+            for key in s.depths.keys().filter(|(vhost, _)| sees(vhost)) {
                 queues.entry(key).or_default();
             }
         }
@@ -241,11 +245,17 @@ impl Rates {
             let older = i.checked_sub(1).and_then(|j| samples.get(j));
             let mut point = Map::new();
             point.insert("timestamp".into(), json!(s.at_ms));
-            point.insert("messages".into(), json!(s.depths.values().sum::<u64>()));
+            let messages: u64 = s
+                .depths
+                .iter()
+                .filter(|((vhost, _), _)| sees(vhost))
+                .map(|(_, d)| d)
+                .sum();
+            point.insert("messages".into(), json!(messages));
             let rates = match (&s.counters, older.and_then(|o| o.counters.as_ref())) {
                 (Some(now), Some(before)) => {
                     let secs = elapsed(s, older);
-                    let (now, before) = (now.total().values(), before.total().values());
+                    let (now, before) = (now.total(sees).values(), before.total(sees).values());
                     QueueCounters::KEYS
                         .iter()
                         .zip(now.iter().zip(before.iter()))
@@ -384,7 +394,7 @@ fn parse(text: &str) -> Counters {
 type Labels = Vec<(String, String)>;
 
 /// A sample line's family, labels and value.
-fn split_sample(line: &str) -> Option<(&str, Labels, f64)> {
+pub(crate) fn split_sample(line: &str) -> Option<(&str, Labels, f64)> {
     let name_end = line.find(['{', ' '])?;
     let family = &line[..name_end];
     let mut rest = &line[name_end..];
