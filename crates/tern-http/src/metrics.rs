@@ -11,7 +11,9 @@
 //! `/api/dlq` finds them), `tern_connections` (client connections) and
 //! `tern_stream_consumer_lag` (per stream consumer, by name or tag).
 //! `tern_alarm_active` (1 while a resource alarm is raised, per resource),
-//! `tern_connection_channels` (per connection) and the histogram
+//! `tern_connection_channels`, `tern_connection_received_bytes_total` and
+//! `tern_connection_sent_bytes_total` (per connection, counted by the
+//! front door into the broker's registry) and the histogram
 //! `tern_storage_fsync_duration_seconds`.
 
 use std::collections::BTreeMap;
@@ -166,6 +168,31 @@ pub(crate) fn render(state: &AppState) -> String {
             escape_label(&c.vhost),
             c.channels
         );
+    }
+    for (family, help, value) in [
+        (
+            "tern_connection_received_bytes_total",
+            "Bytes received from a client connection.",
+            (|c| c.received_bytes) as fn(&tern_broker::ConnectionInfo) -> u64,
+        ),
+        (
+            "tern_connection_sent_bytes_total",
+            "Bytes sent to a client connection.",
+            |c| c.sent_bytes,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {family} {help}");
+        let _ = writeln!(out, "# TYPE {family} counter");
+        for c in &connections {
+            let _ = writeln!(
+                out,
+                "{family}{{connection=\"{}\",user=\"{}\",vhost=\"{}\"}} {}",
+                escape_label(&c.name),
+                escape_label(&c.user),
+                escape_label(&c.vhost),
+                value(c)
+            );
+        }
     }
     if let Some(h) = broker.fsync_histogram() {
         let name = "tern_storage_fsync_duration_seconds";

@@ -342,7 +342,11 @@ fn operator_schemas_rest() -> Value {
                 "moved": {"type": "integer"}, "remaining": {"type": "integer"},
                 "total": {"type": "integer"}, "rate_per_second": {"type": "number"},
                 "reason": {"type": "string", "nullable": true}}},
-            "Connection": {"type": "object", "required": ["name", "peer_host", "peer_port", "host", "port", "user", "vhost", "protocol", "connected_at", "channels"], "properties": {
+            "Connection": {"type": "object", "required": ["name", "peer_host", "peer_port", "host", "port", "user", "vhost", "protocol", "connected_at", "channels", "recv_oct", "send_oct", "recv_oct_details", "send_oct_details"], "properties": {
+                "recv_oct": {"type": "integer", "minimum": 0, "description": "Bytes received from the client."},
+                "send_oct": {"type": "integer", "minimum": 0, "description": "Bytes sent to the client."},
+                "recv_oct_details": {"type": "object", "required": ["rate"], "properties": {"rate": {"type": "number", "description": "Bytes per second received over the last sampling interval."}}},
+                "send_oct_details": {"type": "object", "required": ["rate"], "properties": {"rate": {"type": "number", "description": "Bytes per second sent over the last sampling interval."}}},
                 "name": {"type": "string"}, "peer_host": {"type": "string"},
                 "peer_port": {"type": "integer"}, "host": {"type": "string"},
                 "port": {"type": "integer"}, "user": {"type": "string"},

@@ -81,6 +81,8 @@ struct Sample {
     counters: Option<Counters>,
     /// Every queue's ready plus unacknowledged messages.
     depths: HashMap<Entity, u64>,
+    /// Every client connection's bytes received and sent, by name.
+    traffic: HashMap<String, (u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -135,10 +137,16 @@ impl Rates {
                 );
             }
         }
+        let traffic = broker
+            .connections()
+            .into_iter()
+            .map(|c| (c.name, (c.received_bytes, c.sent_bytes)))
+            .collect();
         let sample = Sample {
             at_ms: now_ms(),
             counters: metrics.map(|m| parse(&m.render())),
             depths,
+            traffic,
         };
         let mut samples = self.samples();
         if samples.len() == HISTORY {
@@ -199,6 +207,25 @@ impl Rates {
                 .map(|v| &v[..]),
             elapsed(newest, older),
         )))
+    }
+
+    /// A connection's bytes per second received and sent over the last
+    /// interval, as RabbitMQ's `recv_oct_details.rate` and
+    /// `send_oct_details.rate`; 0 until two samples have seen it.
+    pub(crate) fn connection_rates(&self, name: &str) -> (f64, f64) {
+        let samples = self.samples();
+        let mut newest_first = samples.iter().rev();
+        let (Some(newest), Some(older)) = (newest_first.next(), newest_first.next()) else {
+            return (0.0, 0.0);
+        };
+        let (Some(now), Some(before)) = (newest.traffic.get(name), older.traffic.get(name)) else {
+            return (0.0, 0.0);
+        };
+        let secs = elapsed(newest, Some(older));
+        (
+            rate(now.0, Some(before.0), secs),
+            rate(now.1, Some(before.1), secs),
+        )
     }
 
     /// An exchange's `message_stats` (`publish_in`, `publish_out`).
@@ -481,6 +508,22 @@ tern_exchange_messages_unroutable_total{vhost=\"/\",exchange=\"x\"} 2
         );
         let x = c.exchanges[&("/".to_string(), "x".to_string())];
         assert_eq!(x.values(), [7, 5]);
+    }
+
+    #[test]
+    fn connection_rates_are_bytes_per_second_over_the_last_interval() {
+        let rates = Rates::new(DEFAULT_INTERVAL);
+        let sample = |at_ms, recv, sent| Sample {
+            at_ms,
+            traffic: [("c".to_string(), (recv, sent))].into_iter().collect(),
+            ..Sample::default()
+        };
+        assert_eq!(rates.connection_rates("c"), (0.0, 0.0));
+        rates.samples().push_back(sample(1_000, 100, 10));
+        assert_eq!(rates.connection_rates("c"), (0.0, 0.0), "one sample");
+        rates.samples().push_back(sample(3_000, 4_100, 30));
+        assert_eq!(rates.connection_rates("c"), (2_000.0, 10.0));
+        assert_eq!(rates.connection_rates("gone"), (0.0, 0.0));
     }
 
     #[test]

@@ -21,7 +21,8 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tern_broker::{
-    ConnectionMeta, ConsumeOptions, ExchangeName, Message, Properties, TraceSettings,
+    ConnectionMeta, ConnectionTraffic, ConsumeOptions, ExchangeName, Message, Properties,
+    TraceSettings,
 };
 use tern_http::HttpConfig;
 
@@ -75,6 +76,7 @@ fn meta(port: u16, user: &str, vhost: &str) -> ConnectionMeta {
         user: user.into(),
         vhost: vhost.into(),
         protocol: "AMQP 0-9-1".into(),
+        traffic: ConnectionTraffic::default(),
     }
 }
 

@@ -30,8 +30,10 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// A connection as RabbitMQ shows it.
-pub(super) fn connection_json(_state: &AppState, c: &ConnectionInfo) -> Value {
+/// A connection as RabbitMQ shows it, with its bytes received and sent
+/// (`recv_oct`, `send_oct`) and their rates over the last sampling interval.
+pub(super) fn connection_json(state: &AppState, c: &ConnectionInfo) -> Value {
+    let (recv_rate, send_rate) = state.rates().connection_rates(&c.name);
     json!({
         "name": c.name,
         "peer_host": c.peer.ip().to_string(),
@@ -43,6 +45,10 @@ pub(super) fn connection_json(_state: &AppState, c: &ConnectionInfo) -> Value {
         "protocol": c.protocol,
         "connected_at": millis(c.connected_at),
         "channels": c.channels,
+        "recv_oct": c.received_bytes,
+        "send_oct": c.sent_bytes,
+        "recv_oct_details": {"rate": recv_rate},
+        "send_oct_details": {"rate": send_rate},
     })
 }
 
