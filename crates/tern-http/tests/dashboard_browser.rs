@@ -10,7 +10,8 @@
 //! deleting the user), browses a dead-letter queue with its `x-death` decoded, redrives it and
 //! sees the progress bar complete and the depth drop, and finally looks a
 //! message flow up on the trace page, and on the connections page sees an
-//! AMQP client (lapin) with its consumer and closes it. A screenshot of each
+//! AMQP client (lapin) with its bytes and their rates and its consumer, and
+//! closes it. A screenshot of each
 //! step goes to `$CARGO_TARGET_TMPDIR/dashboard/`.
 //!
 //! Skipped, with a printed line, where Chromium or its driver is missing
@@ -585,8 +586,11 @@ async fn the_dashboard_works_in_a_browser() {
         .await
         .unwrap();
     b.click("#tabs button[data-page=conn-page]").await;
-    b.wait_text("#connections tbody", |t| t.contains("AMQP 0-9-1"))
-        .await;
+    // With the bytes it sent and received, and their rates.
+    b.wait_text("#connections tbody", |t| {
+        t.contains("AMQP 0-9-1") && t.contains("B (") && t.contains("B/s)")
+    })
+    .await;
     b.wait_text("#consumers tbody", |t| {
         t.contains("mailer") && t.contains("manual")
     })

@@ -60,6 +60,14 @@ function el(tag, text, cls) {
   return e;
 }
 
+// Bytes as people read them: 1023 B, 1.5 KiB, 12.0 MiB.
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${Math.round(n)} B` : `${n.toFixed(1)} ${units[i]}`;
+}
+
 function uptime(ms) {
   const s = Math.floor(ms / 1000);
   if (s < 120) return `${s}s`;
@@ -295,6 +303,8 @@ function renderConnections(connections, consumers) {
     cell(row, c.vhost);
     cell(row, c.protocol);
     cell(row, c.channels, "num");
+    cell(row, `${bytes(c.recv_oct)} (${bytes(c.recv_oct_details.rate)}/s)`, "num");
+    cell(row, `${bytes(c.send_oct)} (${bytes(c.send_oct_details.rate)}/s)`, "num");
     cell(row, new Date(c.connected_at).toISOString().replace("T", " ").slice(0, 19));
     button(row.insertCell(), "Close", async () => {
       const reason = prompt(`Close ${c.name}? Reason given to the client:`, "closed by an operator");
