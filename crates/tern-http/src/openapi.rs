@@ -644,7 +644,7 @@ fn operator_paths() -> Map<String, Value> {
         },
         "/api/trace-settings": {
             "get": op("How message tracing is set (off by default).", vec![], None, ("200", Some(schema_ref("TraceSettings"))), &[]),
-            "put": op("Turns message tracing on (clearing the index) or off.", vec![], Some(schema_ref("TraceSettingsRequest")), ("200", Some(schema_ref("TraceSettings"))), &["400"]),
+            "put": op("Turns message tracing on (clearing the index) or off. Administrators only.", vec![], Some(schema_ref("TraceSettingsRequest")), ("200", Some(schema_ref("TraceSettings"))), &["400", "403"]),
         },
             "/api/dlq": {
                 "get": op("The dead-letter queues (named *.dlq, or targets of some queue's dead-letter exchange) with depths.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("DeadLetterQueue")}))), &[]),
