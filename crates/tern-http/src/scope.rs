@@ -197,11 +197,17 @@ pub(crate) fn authorize(
     route: &str,
     params: &HashMap<String, String>,
 ) -> Result<(), ApiError> {
+    // HEAD runs the GET handler: the same rules.
+    let method = if *method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     let needs = RULES
         .iter()
         .find(|(m, r, _)| *m == method.as_str() && *r == route)
         .map(|(_, _, needs)| *needs);
-    let reading = *method == Method::GET || *method == Method::HEAD;
+    let reading = *method == Method::GET;
     let decided_by_handler = DECIDED_BY_HANDLER
         .iter()
         .any(|(m, r)| *m == method.as_str() && *r == route);

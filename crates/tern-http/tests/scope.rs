@@ -470,6 +470,12 @@ async fn management_users_change_what_their_permissions_allow() {
         });
         refused(&ann.raw(method, path, body).await, path);
     }
+    // HEAD runs the GET handler, so it is checked alike.
+    let head = ann
+        .raw("HEAD", "/api/queues/%2F/other/messages?peek=1", None)
+        .await;
+    assert_eq!(head.status.as_u16(), 403);
+    assert_eq!(t.broker.queue_info("/", "other").unwrap().ready, 0);
 
     // Deleting: hers, not others'; a missing one of hers is 404.
     refused(&ann.delete("/api/queues/%2F/other").await, "delete queue");
