@@ -17,7 +17,9 @@ use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{basic, channel, connection, AMQPClass, BasicProperties};
 use amq_protocol::types::{AMQPValue, FieldTable as WireTable, LongString};
 use bytes::{Bytes, BytesMut};
-use tern_broker::{AuthUser, Broker, ConnectionHandle, ConnectionId, ConnectionMeta};
+use tern_broker::{
+    AuthUser, Broker, ConnectionHandle, ConnectionId, ConnectionMeta, ConnectionTraffic,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -102,6 +104,8 @@ struct Connection {
     /// The broker's listing of this connection, once it is open; through it
     /// an operator may ask for the connection to be closed.
     registration: Option<ConnectionHandle>,
+    /// Bytes read here and written by the writer task, for the registry.
+    traffic: ConnectionTraffic,
     /// Who logged in, once `start-ok` was accepted.
     user: Option<AuthUser>,
     /// Whether resource alarms block this connection (`flow.rs`).
@@ -138,7 +142,10 @@ pub(crate) async fn serve<R, W>(
         }
         None => return,
     }
-    let (outbox, writer) = Outbox::start(write);
+    // Everything read so far: the header and whatever came with it.
+    let traffic = ConnectionTraffic::default();
+    traffic.add_received(PROTOCOL_HEADER.len() + buf.len());
+    let (outbox, writer) = Outbox::start(write, traffic.clone());
     let id = broker.new_connection_id();
     let (channel_errors, escalated) = mpsc::unbounded_channel();
     let mut conn = Connection {
@@ -157,6 +164,7 @@ pub(crate) async fn serve<R, W>(
         replies,
         addrs,
         registration: None,
+        traffic,
         user: None,
         blocking: Blocking::new(broker.alarms()),
     };
@@ -314,7 +322,11 @@ impl Connection {
             tokio::select! {
                 n = read.read_buf(&mut buf), if !self.blocking.blocked() => match n {
                     Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => last_read = Instant::now(),
+                    Ok(n) => {
+                        // One add per read, which holds many frames under load.
+                        self.traffic.add_received(n);
+                        last_read = Instant::now();
+                    }
                 },
                 () = self.blocking.changed() => {}
                 _ = tick.tick() => {
@@ -400,7 +412,7 @@ impl Connection {
                 }
                 match read.read_buf(buf).await {
                     Ok(0) | Err(_) => return,
-                    Ok(_) => {}
+                    Ok(n) => self.traffic.add_received(n),
                 }
             }
         };
@@ -763,6 +775,7 @@ impl Connection {
                             user: user.name().to_string(),
                             vhost: self.vhost.clone(),
                             protocol: "AMQP 0-9-1".to_string(),
+                            traffic: self.traffic.clone(),
                         },
                     ));
                 }

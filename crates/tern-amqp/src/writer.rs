@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, BasicProperties};
+use tern_broker::ConnectionTraffic;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -47,13 +48,17 @@ impl std::fmt::Debug for Outgoing {
 impl Outbox {
     /// Starts the writer task on `write`. The task ends when every
     /// [`Outbox`] clone is dropped (after flushing) or the socket fails.
-    pub(crate) fn start<W>(write: W) -> (Outbox, tokio::task::JoinHandle<()>)
+    /// Every batch written is counted in `traffic`.
+    pub(crate) fn start<W>(
+        write: W,
+        traffic: ConnectionTraffic,
+    ) -> (Outbox, tokio::task::JoinHandle<()>)
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = tokio::spawn(async move {
-            let _ = run(write, rx).await;
+            let _ = run(write, rx, traffic).await;
         });
         (Outbox { tx, frame_max: 0 }, task)
     }
@@ -111,6 +116,7 @@ impl Outbox {
 async fn run<W: AsyncWrite + Unpin>(
     mut write: W,
     mut rx: mpsc::Receiver<Outgoing>,
+    traffic: ConnectionTraffic,
 ) -> Result<(), AmqpError> {
     let mut heartbeat_frame = Vec::new();
     frame::encode(&mut heartbeat_frame, &AMQPFrame::Heartbeat)?;
@@ -143,10 +149,12 @@ async fn run<W: AsyncWrite + Unpin>(
                     }
                 }
                 write.write_all(&batch).await?;
+                traffic.add_sent(batch.len());
                 last_write = Instant::now();
             }
             _ = idle => {
                 write.write_all(&heartbeat_frame).await?;
+                traffic.add_sent(heartbeat_frame.len());
                 last_write = Instant::now();
             }
         }

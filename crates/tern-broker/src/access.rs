@@ -508,6 +508,21 @@ impl Broker {
         }
     }
 
+    /// The vhosts the user has permissions in (of any kind), by name: the
+    /// ones a management user may see, as RabbitMQ's "login vhosts".
+    pub fn user_vhosts(&self, user: &str) -> Vec<VhostName> {
+        let Ok(uname) = user_name(user) else {
+            return Vec::new();
+        };
+        self.access()
+            .read()
+            .permissions
+            .keys()
+            .filter(|(_, u)| *u == uname)
+            .map(|(v, _)| v.clone())
+            .collect()
+    }
+
     /// Whether the user may have this access to the resource in the vhost.
     pub fn check_permission(
         &self,
@@ -516,20 +531,46 @@ impl Broker {
         resource: &Resource,
         access: Access,
     ) -> Result<(), AccessError> {
-        let allowed = VhostName::new(vhost).is_ok_and(|v| {
-            self.access()
-                .read()
-                .permissions
-                .get(&(v, user.name.clone()))
-                .is_some_and(|p| p.pattern(access).matches(resource.name()))
-        });
-        if allowed {
+        if self.permitted(&user.name, vhost, resource, access) {
             Ok(())
         } else {
             Err(AccessError::Refused {
                 resource: resource.clone(),
                 vhost: vhost.to_string(),
                 user: user.name.to_string(),
+            })
+        }
+    }
+
+    fn permitted(&self, user: &UserName, vhost: &str, resource: &Resource, access: Access) -> bool {
+        VhostName::new(vhost).is_ok_and(|v| {
+            self.access()
+                .read()
+                .permissions
+                .get(&(v, user.clone()))
+                .is_some_and(|p| p.pattern(access).matches(resource.name()))
+        })
+    }
+
+    /// [`Broker::check_permission`] for a user authenticated elsewhere (the
+    /// management API's principal), by name: the same patterns, matched the
+    /// same way.
+    pub fn check_user_permission(
+        &self,
+        user: &str,
+        vhost: &str,
+        resource: &Resource,
+        access: Access,
+    ) -> Result<(), AccessError> {
+        let allowed =
+            UserName::new(user).is_ok_and(|u| self.permitted(&u, vhost, resource, access));
+        if allowed {
+            Ok(())
+        } else {
+            Err(AccessError::Refused {
+                resource: resource.clone(),
+                vhost: vhost.to_string(),
+                user: user.to_string(),
             })
         }
     }

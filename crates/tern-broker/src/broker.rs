@@ -1788,7 +1788,7 @@ impl Broker {
         };
         if self.tracer().key(&message).is_some() {
             let names = queues.iter().map(|q| q.name.clone()).collect();
-            self.tracer().published(&message, names);
+            self.tracer().published(&message, &vh.name, names);
         }
         Ok(Published {
             routed: queues.len(),

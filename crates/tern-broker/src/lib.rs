@@ -31,6 +31,7 @@ pub mod routing;
 pub mod stream;
 pub mod super_stream;
 mod trace;
+mod traffic;
 mod users;
 pub mod value;
 
@@ -52,6 +53,7 @@ pub use registry::{
 pub use stream::{ConsumerName, OffsetSpec, StreamConsumerOffset, StreamOffsets};
 pub use super_stream::{GroupAssignment, PartitionInfo, SuperStreamInfo};
 pub use trace::{TraceEvent, TraceEventKind, TraceSettings, TracedMessage};
+pub use traffic::ConnectionTraffic;
 pub use users::{UserInfo, UserTag};
 
 pub use error::{BrokerError, ReplyCode};

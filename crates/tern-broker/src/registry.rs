@@ -26,6 +26,7 @@ use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::name::{QueueName, VhostName};
 use crate::queue::{ChannelId, ConnectionId, ConsumerId};
+use crate::traffic::ConnectionTraffic;
 
 /// What a front door says about a connection it registers.
 #[derive(Debug, Clone)]
@@ -40,6 +41,9 @@ pub struct ConnectionMeta {
     pub vhost: String,
     /// The protocol, such as `AMQP 0-9-1`.
     pub protocol: String,
+    /// The bytes its front door counts in and out (from before the
+    /// handshake, so a connection's totals include it).
+    pub traffic: ConnectionTraffic,
 }
 
 /// A connection as the registry reports it.
@@ -64,6 +68,10 @@ pub struct ConnectionInfo {
     pub connected_at: SystemTime,
     /// How many channels it has open.
     pub channels: usize,
+    /// Bytes read from the client so far.
+    pub received_bytes: u64,
+    /// Bytes written to the client so far.
+    pub sent_bytes: u64,
 }
 
 /// A channel as the registry reports it.
@@ -311,6 +319,8 @@ impl Broker {
                     .values()
                     .filter(|ch| ch.connection == *id)
                     .count(),
+                received_bytes: c.meta.traffic.received(),
+                sent_bytes: c.meta.traffic.sent(),
             })
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use crate::broker::Broker;
 use crate::message::Message;
-use crate::name::QueueName;
+use crate::name::{QueueName, VhostName};
 use crate::value::FieldValue;
 
 /// The header the `tern` toolkit carries a causation id in (CloudEvents'
@@ -74,6 +74,8 @@ pub struct TracedMessage {
     pub message_type: Option<String>,
     /// The `app-id` property: the sending service.
     pub app_id: Option<String>,
+    /// The vhost it was published in.
+    pub vhost: VhostName,
     /// The exchange it was published to ("" for the default exchange).
     pub exchange: String,
     /// Its routing key.
@@ -133,7 +135,7 @@ impl Tracer {
     }
 
     /// Records a publish that reached `queues`.
-    pub(crate) fn published(&self, message: &Message, queues: Vec<QueueName>) {
+    pub(crate) fn published(&self, message: &Message, vhost: &VhostName, queues: Vec<QueueName>) {
         let Some(key) = self.key(message) else {
             return;
         };
@@ -161,6 +163,7 @@ impl Tracer {
             causation_id: header(CAUSATION_HEADER),
             message_type: p.kind.clone(),
             app_id: p.app_id.clone(),
+            vhost: vhost.clone(),
             exchange: message.exchange.as_str().to_string(),
             routing_key: message.routing_key.clone(),
             queues,

@@ -190,6 +190,60 @@ async fn permissions_are_regexes_per_kind_of_access() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_by_name_follow_the_same_patterns_and_list_the_users_vhosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    broker.add_vhost("staging").await.unwrap();
+    broker.add_vhost("prod").await.unwrap();
+    broker.put_user("ops", Some("pw"), vec![]).await.unwrap();
+    let p = Permissions::new("^ops\\.", "", "^ops\\.").unwrap();
+    broker.set_permissions("staging", "ops", p).await.unwrap();
+    let by_name =
+        |vhost: &str, r: Resource, a| broker.check_user_permission("ops", vhost, &r, a).is_ok();
+    assert!(by_name(
+        "staging",
+        Resource::queue("ops.jobs"),
+        Access::Configure
+    ));
+    assert!(by_name(
+        "staging",
+        Resource::queue("ops.jobs"),
+        Access::Read
+    ));
+    assert!(!by_name(
+        "staging",
+        Resource::queue("ops.jobs"),
+        Access::Write
+    ));
+    assert!(!by_name(
+        "staging",
+        Resource::queue("jobs"),
+        Access::Configure
+    ));
+    assert!(!by_name(
+        "prod",
+        Resource::queue("ops.jobs"),
+        Access::Configure
+    ));
+    assert!(!by_name(
+        "nowhere",
+        Resource::queue("ops.jobs"),
+        Access::Read
+    ));
+    // A name that is no user name is refused like an unknown user.
+    assert!(broker
+        .check_user_permission("", "staging", &Resource::queue("ops.jobs"), Access::Read)
+        .is_err());
+    let names = |v: Vec<VhostName>| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    assert_eq!(names(broker.user_vhosts("ops")), ["staging"]);
+    assert_eq!(names(broker.user_vhosts("guest")), ["/"]);
+    assert!(broker.user_vhosts("nobody").is_empty());
+    broker.delete_vhost("staging").await.unwrap();
+    assert!(broker.user_vhosts("ops").is_empty());
+    broker.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_and_permissions_survive_a_restart_and_deleted_vhosts_take_theirs() {
     let dir = tempfile::tempdir().unwrap();
     let broker = open(dir.path());

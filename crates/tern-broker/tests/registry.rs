@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use tern_broker::{
-    AckMode, Broker, BrokerConfig, ChannelEvent, ConnectionMeta, ConsumeOptions, QueueDeclare,
+    AckMode, Broker, BrokerConfig, ChannelEvent, ConnectionMeta, ConnectionTraffic, ConsumeOptions,
+    QueueDeclare,
 };
 
 fn meta(port: u16) -> ConnectionMeta {
@@ -20,7 +21,22 @@ fn meta(port: u16) -> ConnectionMeta {
         user: "guest".into(),
         vhost: "/".into(),
         protocol: "test".into(),
+        traffic: ConnectionTraffic::default(),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lists_the_bytes_its_front_door_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let m = meta(4100);
+    let traffic = m.traffic.clone();
+    traffic.add_received(8);
+    let _handle = broker.register_connection(broker.new_connection_id(), m);
+    traffic.add_received(300);
+    traffic.add_sent(42);
+    let c = &broker.connections()[0];
+    assert_eq!((c.received_bytes, c.sent_bytes), (308, 42));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

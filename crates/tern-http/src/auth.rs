@@ -14,14 +14,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, Method, StatusCode};
+use std::collections::HashMap;
+
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use tern_broker::{Broker, UserTag};
 
 use crate::error::ApiError;
+use crate::scope::{self, Scope};
 use crate::server::AppState;
 
 /// Credentials a request presented.
@@ -248,9 +251,13 @@ pub(crate) async fn require(
     let mut request = request;
     match verdict {
         Ok(principal) => {
-            if let Err(e) = authorize(&state, &principal, &request) {
-                return e.into_response();
-            }
+            request = match authorize(&state, &principal, request).await {
+                Ok(request) => request,
+                Err(e) => return e.into_response(),
+            };
+            request
+                .extensions_mut()
+                .insert(Scope::of(state.broker(), &principal));
             request.extensions_mut().insert(principal);
             next.run(request).await
         }
@@ -266,76 +273,34 @@ pub(crate) async fn require(
     }
 }
 
-/// What a management user who is not an administrator may do: read, and
-/// only in vhosts they have permissions in. Changes over this API are for
-/// administrators (RabbitMQ lets management users change their own vhosts'
-/// entities, checking each resource's permission; Tern does not yet).
-fn authorize(state: &AppState, principal: &Principal, request: &Request) -> Result<(), ApiError> {
+/// What a user who is not an administrator may do (`scope::authorize`),
+/// decided by the route the request matched and its decoded path
+/// parameters, before the handler runs.
+async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    request: Request,
+) -> Result<Request, ApiError> {
     if principal.is_administrator() {
-        return Ok(());
+        return Ok(request);
     }
-    let method = request.method();
-    if method != Method::GET && method != Method::HEAD {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "access_refused",
-            format!(
-                "user '{}' may not {method} {}: only administrators change the broker over the HTTP API",
-                principal.user,
-                request.uri().path()
-            ),
-        ));
-    }
-    if let Some(vhost) = vhost_in_path(request.uri().path()) {
-        state
-            .broker()
-            .check_user_vhost_access(&principal.user, &vhost)
-            .map_err(|e| match e {
-                tern_broker::AccessError::VhostRefused { .. } => {
-                    ApiError::new(StatusCode::FORBIDDEN, "access_refused", e.to_string())
-                }
-                other => ApiError::from(other),
-            })?;
-    }
-    Ok(())
-}
-
-/// The vhost a request's path names: every route with a vhost has it as
-/// the third segment, `/api/{exchanges,queues,bindings,consumers,vhosts}/{vhost}...`
-/// (percent-decoded, as axum's `Path` would).
-fn vhost_in_path(path: &str) -> Option<String> {
-    const KINDS: [&str; 5] = ["exchanges", "queues", "bindings", "consumers", "vhosts"];
-    let mut segments = path.split('/');
-    let (Some(""), Some("api"), Some(kind), Some(raw)) = (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) else {
-        return None;
+    let (mut parts, body) = request.into_parts();
+    let Some(route) = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+    else {
+        // Every route under this middleware has a matched path.
+        return Ok(Request::from_parts(parts, body));
     };
-    if !KINDS.contains(&kind) || raw.is_empty() {
-        return None;
-    }
-    // An undecodable vhost is one nobody may access.
-    Some(percent_decode(raw).unwrap_or_else(|| raw.to_string()))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    let params: HashMap<String, String> = RawPathParams::from_request_parts(&mut parts, state)
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    scope::authorize(state.broker(), principal, &parts.method, &route, &params)?;
+    Ok(Request::from_parts(parts, body))
 }
 
 /// The authenticator a server was configured with, shareable.
@@ -350,20 +315,6 @@ mod tests {
             user: user.into(),
             password: password.into(),
         }
-    }
-
-    #[test]
-    fn the_vhost_of_a_path() {
-        assert_eq!(vhost_in_path("/api/queues/%2Fx/q"), Some("/x".into()));
-        assert_eq!(
-            vhost_in_path("/api/vhosts/staging/permissions"),
-            Some("staging".into())
-        );
-        assert_eq!(vhost_in_path("/api/bindings/%2F/e/x/q/y"), Some("/".into()));
-        assert_eq!(vhost_in_path("/api/queues"), None);
-        assert_eq!(vhost_in_path("/api/queues/"), None);
-        assert_eq!(vhost_in_path("/api/connections/a%20b"), None);
-        assert_eq!(vhost_in_path("/api/users/x"), None);
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod metrics;
 mod openapi;
 mod rates;
 mod redrive;
+mod scope;
 mod server;
 
 pub use auth::{AuthError, AuthFuture, Authenticator, BrokerUsers, Credentials, Principal};

@@ -11,7 +11,9 @@
 //! `/api/dlq` finds them), `tern_connections` (client connections) and
 //! `tern_stream_consumer_lag` (per stream consumer, by name or tag).
 //! `tern_alarm_active` (1 while a resource alarm is raised, per resource),
-//! `tern_connection_channels` (per connection) and the histogram
+//! `tern_connection_channels`, `tern_connection_received_bytes_total` and
+//! `tern_connection_sent_bytes_total` (per connection, counted by the
+//! front door into the broker's registry) and the histogram
 //! `tern_storage_fsync_duration_seconds`.
 
 use std::collections::BTreeMap;
@@ -167,6 +169,31 @@ pub(crate) fn render(state: &AppState) -> String {
             c.channels
         );
     }
+    for (family, help, value) in [
+        (
+            "tern_connection_received_bytes_total",
+            "Bytes received from a client connection.",
+            (|c| c.received_bytes) as fn(&tern_broker::ConnectionInfo) -> u64,
+        ),
+        (
+            "tern_connection_sent_bytes_total",
+            "Bytes sent to a client connection.",
+            |c| c.sent_bytes,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {family} {help}");
+        let _ = writeln!(out, "# TYPE {family} counter");
+        for c in &connections {
+            let _ = writeln!(
+                out,
+                "{family}{{connection=\"{}\",user=\"{}\",vhost=\"{}\"}} {}",
+                escape_label(&c.name),
+                escape_label(&c.user),
+                escape_label(&c.vhost),
+                value(c)
+            );
+        }
+    }
     if let Some(h) = broker.fsync_histogram() {
         let name = "tern_storage_fsync_duration_seconds";
         let _ = writeln!(
@@ -247,10 +274,14 @@ pub(crate) fn render(state: &AppState) -> String {
     out
 }
 
-/// The broker's message counters summed over every queue and exchange, from
-/// the recorder's current values, for the overview: `None` without a
-/// recorder. Keys are the counter names less `tern_` and `_total`.
-pub(crate) fn message_totals(state: &AppState) -> Option<BTreeMap<&'static str, f64>> {
+/// The broker's message counters summed over every queue and exchange of
+/// the vhosts `sees` keeps, from the recorder's current values, for the
+/// overview: `None` without a recorder. Keys are the counter names less
+/// `tern_` and `_total`.
+pub(crate) fn message_totals(
+    state: &AppState,
+    sees: &dyn Fn(&str) -> bool,
+) -> Option<BTreeMap<&'static str, f64>> {
     const TOTALS: [(&str, &str); 6] = [
         ("tern_queue_messages_published_total", "published"),
         ("tern_queue_messages_delivered_total", "delivered"),
@@ -266,11 +297,13 @@ pub(crate) fn message_totals(state: &AppState) -> Option<BTreeMap<&'static str, 
         let Some((_, key)) = TOTALS.iter().find(|(name, _)| *name == family) else {
             continue;
         };
-        let value = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let Some((_, labels, value)) = crate::rates::split_sample(line) else {
+            continue;
+        };
+        let vhost = labels.iter().find(|(k, _)| k == "vhost").map(|(_, v)| v);
+        if !vhost.is_some_and(|v| sees(v)) {
+            continue;
+        }
         if let Some(total) = totals.get_mut(key) {
             *total += value;
         }

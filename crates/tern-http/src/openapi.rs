@@ -105,7 +105,7 @@ fn components() -> Value {
         "responses": {
             "E400": error_response("The request is malformed or invalid."),
             "E401": error_response("Missing or invalid credentials."),
-            "E403": error_response("The operation is refused (reserved names, internal exchanges, or an administrator's operation by another user)."),
+            "E403": error_response("The operation is refused: reserved names, internal exchanges, a vhost or an exchange or queue the user's permissions do not cover (users who are not administrators), or an administrator's operation by another user."),
             "E404": error_response("The vhost, exchange, queue or binding does not exist."),
             "E409": error_response("The request conflicts with the entity's state or properties."),
         },
@@ -288,12 +288,13 @@ fn trace_schemas() -> Value {
             "sample_one_in": {"type": "integer", "nullable": true, "minimum": 1, "maximum": 1_000_000, "default": 1}}},
         "Trace": {"type": "object", "required": ["correlation_id", "messages"], "properties": {
             "correlation_id": {"type": "string"},
-            "messages": {"type": "array", "items": {"type": "object", "required": ["correlation_id", "exchange", "routing_key", "queues", "published_at", "events"], "properties": {
+            "messages": {"type": "array", "items": {"type": "object", "required": ["correlation_id", "vhost", "exchange", "routing_key", "queues", "published_at", "events"], "properties": {
                 "message_id": {"type": "string", "nullable": true},
                 "correlation_id": {"type": "string"},
                 "causation_id": {"type": "string", "nullable": true},
                 "type": {"type": "string", "nullable": true},
                 "app_id": {"type": "string", "nullable": true},
+                "vhost": {"type": "string"},
                 "exchange": {"type": "string"}, "routing_key": {"type": "string"},
                 "queues": {"type": "array", "items": {"type": "string"}},
                 "published_at": {"type": "integer", "description": "Milliseconds since the Unix epoch."},
@@ -341,7 +342,11 @@ fn operator_schemas_rest() -> Value {
                 "moved": {"type": "integer"}, "remaining": {"type": "integer"},
                 "total": {"type": "integer"}, "rate_per_second": {"type": "number"},
                 "reason": {"type": "string", "nullable": true}}},
-            "Connection": {"type": "object", "required": ["name", "peer_host", "peer_port", "host", "port", "user", "vhost", "protocol", "connected_at", "channels"], "properties": {
+            "Connection": {"type": "object", "required": ["name", "peer_host", "peer_port", "host", "port", "user", "vhost", "protocol", "connected_at", "channels", "recv_oct", "send_oct", "recv_oct_details", "send_oct_details"], "properties": {
+                "recv_oct": {"type": "integer", "minimum": 0, "description": "Bytes received from the client."},
+                "send_oct": {"type": "integer", "minimum": 0, "description": "Bytes sent to the client."},
+                "recv_oct_details": {"type": "object", "required": ["rate"], "properties": {"rate": {"type": "number", "description": "Bytes per second received over the last sampling interval."}}},
+                "send_oct_details": {"type": "object", "required": ["rate"], "properties": {"rate": {"type": "number", "description": "Bytes per second sent over the last sampling interval."}}},
                 "name": {"type": "string"}, "peer_host": {"type": "string"},
                 "peer_port": {"type": "integer"}, "host": {"type": "string"},
                 "port": {"type": "integer"}, "user": {"type": "string"},
@@ -406,16 +411,16 @@ pub fn document() -> Value {
         "info": {
             "title": "Tern management API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Manage and inspect a Tern broker: vhosts, exchanges, queues, bindings and messages. Errors are JSON {error, reason}.",
+            "description": "Manage and inspect a Tern broker: vhosts, exchanges, queues, bindings and messages. Errors are JSON {error, reason}. Administrators and monitoring users see every vhost; other users see only the vhosts they have permissions in (and only their own connections and channels), in every listing, and change exchanges, queues and bindings where their permission patterns allow, as over AMQP.",
         },
         "security": [{"basic": []}, {"bearer": []}],
         "components": nullable_properties(with_operator_schemas(components())),
         "paths": {
             "/api/overview": {
-                "get": op("The broker at a glance.", vec![], None, ("200", Some(schema_ref("Overview"))), &[]),
+                "get": op("The broker at a glance, over the vhosts the caller sees.", vec![], None, ("200", Some(schema_ref("Overview"))), &[]),
             },
             "/api/vhosts": {
-                "get": op("Every vhost.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("Vhost")}))), &[]),
+                "get": op("Every vhost the caller sees.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("Vhost")}))), &[]),
             },
             "/api/vhosts/{vhost}": {
                 "get": op("One vhost.", vec![vhost()], None, ("200", Some(schema_ref("Vhost"))), &["400", "404"]),
@@ -423,7 +428,7 @@ pub fn document() -> Value {
                 "delete": op("Deletes a vhost with everything in it, permissions included. Administrators only.", vec![vhost()], None, ("204", None), &["400", "403", "404"]),
             },
             "/api/exchanges": {
-                "get": op("Every exchange.", list_params(), None, ("200", Some(list_of("Exchange"))), &["400"]),
+                "get": op("Every exchange of the vhosts the caller sees.", list_params(), None, ("200", Some(list_of("Exchange"))), &["400"]),
             },
             "/api/exchanges/{vhost}": {
                 "get": op("The exchanges of a vhost.", list_vhost.clone(), None, ("200", Some(list_of("Exchange"))), &["400", "404"]),
@@ -443,7 +448,7 @@ pub fn document() -> Value {
                 "get": op("The exchange-to-exchange bindings that route to this exchange.", vec![vhost(), ex()], None, ("200", Some(json!({"type": "array", "items": schema_ref("Binding")}))), &["400", "404"]),
             },
             "/api/queues": {
-                "get": op("Every queue.", list_params(), None, ("200", Some(list_of("Queue"))), &["400"]),
+                "get": op("Every queue of the vhosts the caller sees.", list_params(), None, ("200", Some(list_of("Queue"))), &["400"]),
             },
             "/api/queues/{vhost}": {
                 "get": op("The queues of a vhost.", list_vhost.clone(), None, ("200", Some(list_of("Queue"))), &["400", "404"]),
@@ -468,7 +473,7 @@ pub fn document() -> Value {
                 "get": op("A stream's first and end offsets and, per consumer (attached ones, then named ones that are away), its next offset, committed offset (named consumers) and lag; 409 if the queue is not a stream.", vec![vhost(), q()], None, ("200", Some(schema_ref("StreamOffsets"))), &["400", "404", "409"]),
             },
             "/api/bindings": {
-                "get": op("Every binding.", list_params(), None, ("200", Some(list_of("Binding"))), &["400"]),
+                "get": op("Every binding of the vhosts the caller sees.", list_params(), None, ("200", Some(list_of("Binding"))), &["400"]),
             },
             "/api/bindings/{vhost}": {
                 "get": op("The bindings of a vhost.", list_vhost, None, ("200", Some(list_of("Binding"))), &["400", "404"]),
@@ -501,8 +506,29 @@ pub fn document() -> Value {
         paths.extend(operator_paths());
         paths.extend(super_stream_paths());
         paths.extend(access_paths());
+        for (path, item) in paths.iter_mut() {
+            if path.contains("{vhost}") {
+                refusable(item);
+            }
+        }
     }
     doc
+}
+
+/// Every operation on a vhost's entities may be 403 for a user who is not
+/// an administrator: a vhost they have no permissions in, or an exchange or
+/// queue their permission patterns do not cover (`scope.rs`).
+fn refusable(item: &mut Value) {
+    let Some(ops) = item.as_object_mut() else {
+        return;
+    };
+    for op in ops.values_mut() {
+        if let Some(responses) = op["responses"].as_object_mut() {
+            responses
+                .entry("403")
+                .or_insert_with(|| json!({"$ref": "#/components/responses/E403"}));
+        }
+    }
 }
 
 /// The super stream route.
@@ -618,7 +644,7 @@ fn operator_paths() -> Map<String, Value> {
         },
         "/api/trace-settings": {
             "get": op("How message tracing is set (off by default).", vec![], None, ("200", Some(schema_ref("TraceSettings"))), &[]),
-            "put": op("Turns message tracing on (clearing the index) or off.", vec![], Some(schema_ref("TraceSettingsRequest")), ("200", Some(schema_ref("TraceSettings"))), &["400"]),
+            "put": op("Turns message tracing on (clearing the index) or off. Administrators only.", vec![], Some(schema_ref("TraceSettingsRequest")), ("200", Some(schema_ref("TraceSettings"))), &["400", "403"]),
         },
             "/api/dlq": {
                 "get": op("The dead-letter queues (named *.dlq, or targets of some queue's dead-letter exchange) with depths.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("DeadLetterQueue")}))), &[]),
@@ -633,26 +659,26 @@ fn operator_paths() -> Map<String, Value> {
                     Some(schema_ref("RedriveRequest")), ("202", Some(schema_ref("Redrive"))), &["400", "404"]),
             },
             "/api/redrives": {
-                "get": op("Every redrive job the server remembers.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("Redrive")}))), &[]),
+                "get": op("Every redrive job the server remembers, of the vhosts the caller sees.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("Redrive")}))), &[]),
             },
             "/api/redrives/{id}": {
                 "get": op("A redrive job's progress.", vec![json!({"name": "id", "in": "path", "required": true, "description": "The job's id.", "schema": {"type": "integer", "minimum": 0}})],
                     None, ("200", Some(schema_ref("Redrive"))), &["400", "404"]),
             },
             "/api/connections": {
-                "get": op("Every client connection.", list_params(), None, ("200", Some(list_of("Connection"))), &["400"]),
+                "get": op("Every client connection the caller sees (their own, unless administrator or monitoring).", list_params(), None, ("200", Some(list_of("Connection"))), &["400"]),
             },
             "/api/connections/{name}": {
                 "get": op("One connection.", vec![conn()], None, ("200", Some(schema_ref("Connection"))), &["404"]),
-                "delete": op("Closes a connection (AMQP 320 CONNECTION_FORCED with the reason).", vec![conn(),
+                "delete": op("Closes a connection (AMQP 320 CONNECTION_FORCED with the reason): any for an administrator, one's own for other users (403 for another's they see, 404 for one they do not).", vec![conn(),
                     json!({"name": "X-Reason", "in": "header", "required": false, "description": "Why, as the client is told (at most 200 bytes).", "schema": {"type": "string", "maxLength": 200}})],
-                    None, ("204", None), &["400", "404"]),
+                    None, ("204", None), &["400", "403", "404"]),
             },
             "/api/channels": {
-                "get": op("Every open channel.", list_params(), None, ("200", Some(list_of("Channel"))), &["400"]),
+                "get": op("Every open channel the caller sees (of their own connections, unless administrator or monitoring).", list_params(), None, ("200", Some(list_of("Channel"))), &["400"]),
             },
             "/api/consumers": {
-                "get": op("Every consumer.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("Consumer")}))), &[]),
+                "get": op("Every consumer of the vhosts the caller sees.", vec![], None, ("200", Some(json!({"type": "array", "items": schema_ref("Consumer")}))), &[]),
             },
             "/api/consumers/{vhost}": {
                 "get": op("The consumers of a vhost's queues.", vec![vhost()], None, ("200", Some(json!({"type": "array", "items": schema_ref("Consumer")}))), &["400", "404"]),

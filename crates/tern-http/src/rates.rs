@@ -81,6 +81,8 @@ struct Sample {
     counters: Option<Counters>,
     /// Every queue's ready plus unacknowledged messages.
     depths: HashMap<Entity, u64>,
+    /// Every client connection's bytes received and sent, by name.
+    traffic: HashMap<String, (u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -90,10 +92,13 @@ struct Counters {
 }
 
 impl Counters {
-    fn total(&self) -> QueueCounters {
+    /// The counters summed over the queues of the vhosts `sees` keeps.
+    fn total(&self, sees: &dyn Fn(&str) -> bool) -> QueueCounters {
         let mut total = QueueCounters::default();
-        for c in self.queues.values() {
-            total.add(c);
+        for ((vhost, _), c) in &self.queues {
+            if sees(vhost) {
+                total.add(c);
+            }
         }
         total
     }
@@ -132,10 +137,16 @@ impl Rates {
                 );
             }
         }
+        let traffic = broker
+            .connections()
+            .into_iter()
+            .map(|c| (c.name, (c.received_bytes, c.sent_bytes)))
+            .collect();
         let sample = Sample {
             at_ms: now_ms(),
             counters: metrics.map(|m| parse(&m.render())),
             depths,
+            traffic,
         };
         let mut samples = self.samples();
         if samples.len() == HISTORY {
@@ -151,13 +162,14 @@ impl Rates {
         Some((newest, with.next()))
     }
 
-    /// The overview's `message_stats`: totals over every queue with their
-    /// rates; None without a recorder or before the first sample.
-    pub(crate) fn overview_stats(&self) -> Option<Map<String, Value>> {
+    /// The overview's `message_stats`: totals over every queue of the
+    /// vhosts `sees` keeps, with their rates; None without a recorder or
+    /// before the first sample.
+    pub(crate) fn overview_stats(&self, sees: &dyn Fn(&str) -> bool) -> Option<Map<String, Value>> {
         let samples = self.samples();
         let (newest, older) = Rates::last_two(&samples)?;
-        let now = newest.counters.as_ref()?.total();
-        let before = older.and_then(|o| o.counters.as_ref().map(Counters::total));
+        let now = newest.counters.as_ref()?.total(sees);
+        let before = older.and_then(|o| o.counters.as_ref().map(|c| c.total(sees)));
         Some(stats(
             &QueueCounters::KEYS,
             &now.values(),
@@ -197,6 +209,25 @@ impl Rates {
         )))
     }
 
+    /// A connection's bytes per second received and sent over the last
+    /// interval, as RabbitMQ's `recv_oct_details.rate` and
+    /// `send_oct_details.rate`; 0 until two samples have seen it.
+    pub(crate) fn connection_rates(&self, name: &str) -> (f64, f64) {
+        let samples = self.samples();
+        let mut newest_first = samples.iter().rev();
+        let (Some(newest), Some(older)) = (newest_first.next(), newest_first.next()) else {
+            return (0.0, 0.0);
+        };
+        let (Some(now), Some(before)) = (newest.traffic.get(name), older.traffic.get(name)) else {
+            return (0.0, 0.0);
+        };
+        let secs = elapsed(newest, Some(older));
+        (
+            rate(now.0, Some(before.0), secs),
+            rate(now.1, Some(before.1), secs),
+        )
+    }
+
     /// An exchange's `message_stats` (`publish_in`, `publish_out`).
     pub(crate) fn exchange_stats(&self, vhost: &str, name: &str) -> Option<Value> {
         let samples = self.samples();
@@ -224,16 +255,16 @@ impl Rates {
         )))
     }
 
-    /// `GET /api/rates`: the history, oldest first. Each point's rates are
-    /// over the interval that ends at it (the first point has none); each
-    /// queue's depths line up with the points (null where it did not
-    /// exist).
-    pub(crate) fn history(&self) -> Value {
+    /// `GET /api/rates`: the history of the vhosts `sees` keeps, oldest
+    /// first. Each point's rates are over the interval that ends at it (the
+    /// first point has none); each queue's depths line up with the points
+    /// (null where it did not exist).
+    pub(crate) fn history(&self, sees: &dyn Fn(&str) -> bool) -> Value {
         let samples = self.samples();
         let mut points = Vec::with_capacity(samples.len());
         let mut queues: BTreeMap<&Entity, Vec<Value>> = BTreeMap::new();
         for s in samples.iter() {
-            for key in s.depths.keys() {
+            for key in s.depths.keys().filter(|(vhost, _)| sees(vhost)) {
                 queues.entry(key).or_default();
             }
         }
@@ -241,11 +272,17 @@ impl Rates {
             let older = i.checked_sub(1).and_then(|j| samples.get(j));
             let mut point = Map::new();
             point.insert("timestamp".into(), json!(s.at_ms));
-            point.insert("messages".into(), json!(s.depths.values().sum::<u64>()));
+            let messages: u64 = s
+                .depths
+                .iter()
+                .filter(|((vhost, _), _)| sees(vhost))
+                .map(|(_, d)| d)
+                .sum();
+            point.insert("messages".into(), json!(messages));
             let rates = match (&s.counters, older.and_then(|o| o.counters.as_ref())) {
                 (Some(now), Some(before)) => {
                     let secs = elapsed(s, older);
-                    let (now, before) = (now.total().values(), before.total().values());
+                    let (now, before) = (now.total(sees).values(), before.total(sees).values());
                     QueueCounters::KEYS
                         .iter()
                         .zip(now.iter().zip(before.iter()))
@@ -384,7 +421,7 @@ fn parse(text: &str) -> Counters {
 type Labels = Vec<(String, String)>;
 
 /// A sample line's family, labels and value.
-fn split_sample(line: &str) -> Option<(&str, Labels, f64)> {
+pub(crate) fn split_sample(line: &str) -> Option<(&str, Labels, f64)> {
     let name_end = line.find(['{', ' '])?;
     let family = &line[..name_end];
     let mut rest = &line[name_end..];
@@ -471,6 +508,22 @@ tern_exchange_messages_unroutable_total{vhost=\"/\",exchange=\"x\"} 2
         );
         let x = c.exchanges[&("/".to_string(), "x".to_string())];
         assert_eq!(x.values(), [7, 5]);
+    }
+
+    #[test]
+    fn connection_rates_are_bytes_per_second_over_the_last_interval() {
+        let rates = Rates::new(DEFAULT_INTERVAL);
+        let sample = |at_ms, recv, sent| Sample {
+            at_ms,
+            traffic: [("c".to_string(), (recv, sent))].into_iter().collect(),
+            ..Sample::default()
+        };
+        assert_eq!(rates.connection_rates("c"), (0.0, 0.0));
+        rates.samples().push_back(sample(1_000, 100, 10));
+        assert_eq!(rates.connection_rates("c"), (0.0, 0.0), "one sample");
+        rates.samples().push_back(sample(3_000, 4_100, 30));
+        assert_eq!(rates.connection_rates("c"), (2_000.0, 10.0));
+        assert_eq!(rates.connection_rates("gone"), (0.0, 0.0));
     }
 
     #[test]

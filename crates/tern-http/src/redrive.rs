@@ -115,6 +115,11 @@ impl Job {
         *self.state() = state;
     }
 
+    /// The vhost of the queue it drains.
+    pub(crate) fn vhost(&self) -> &str {
+        &self.spec.vhost
+    }
+
     /// The job's progress as the API reports it.
     pub(crate) fn progress(&self) -> Value {
         let state = self.state().clone();

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::TestServer;
 use prometheus_parse::{Sample, Scrape, Value};
 use serde_json::json;
-use tern_broker::{ConnectionMeta, ExchangeName, Message, Properties};
+use tern_broker::{ConnectionMeta, ConnectionTraffic, ExchangeName, Message, Properties};
 
 async fn scrape(t: &TestServer) -> Scrape {
     let reply = t.client.with_auth(None).get("/metrics").await;
@@ -47,6 +47,7 @@ async fn metrics_show_fsync_latency_and_channels_per_connection() {
             user: "guest".into(),
             vhost: "/".into(),
             protocol: "AMQP 0-9-1".into(),
+            traffic: ConnectionTraffic::default(),
         },
     );
     let _one = t.broker.open_channel("/", id).unwrap();

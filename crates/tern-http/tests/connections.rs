@@ -248,3 +248,124 @@ async fn listings_follow_a_client_and_closing_it_reaches_it() {
     assert!(q["messages_ready"].as_u64().unwrap() >= 1, "{q}");
     amqp.shutdown().await;
 }
+
+/// The connection named in the first item of `/api/connections`.
+async fn only_connection(t: &TestServer) -> Value {
+    let conns = t.client.get("/api/connections").await.expect(200).json();
+    assert_eq!(conns.as_array().unwrap().len(), 1, "{conns}");
+    conns[0].clone()
+}
+
+/// A connection's byte counters as `/metrics` shows them.
+async fn scraped_bytes(t: &TestServer, name: &str) -> (f64, f64) {
+    let text = t
+        .client
+        .with_auth(None)
+        .get("/metrics")
+        .await
+        .expect(200)
+        .body
+        .clone();
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |family: &str| {
+        let samples: Vec<_> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == family && s.labels.get("connection") == Some(name))
+            .collect();
+        assert_eq!(samples.len(), 1, "{family}: {samples:?}");
+        assert_eq!(samples[0].labels.get("user"), Some("guest"));
+        match samples[0].value {
+            prometheus_parse::Value::Counter(v) => v,
+            ref other => panic!("{family} is not a counter: {other:?}"),
+        }
+    };
+    (
+        value("tern_connection_received_bytes_total"),
+        value("tern_connection_sent_bytes_total"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_shows_the_bytes_it_sent_and_received() {
+    let t = TestServer::start_with(
+        tern_http::HttpConfig::default().with_rate_interval(Duration::from_millis(20)),
+    )
+    .await;
+    let amqp = AmqpServer::bind("127.0.0.1:0".parse().unwrap(), t.broker.clone())
+        .await
+        .unwrap();
+    t.client
+        .put("/api/queues/%2F/bytes", json!({}))
+        .await
+        .expect(201);
+    let uri = format!("amqp://guest:guest@{}/%2F", amqp.local_addr());
+    let conn = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // The handshake went both ways already.
+    let before = only_connection(&t).await;
+    let name = before["name"].as_str().unwrap().to_string();
+    let (recv0, sent0) = (
+        before["recv_oct"].as_u64().unwrap(),
+        before["send_oct"].as_u64().unwrap(),
+    );
+    assert!(recv0 > 8 && sent0 > 0, "{before}");
+
+    // 64 KiB published: at least that much more received. Fetching it
+    // back: at least that much more sent. Rates show while it flows.
+    let body = vec![7u8; 64 * 1024];
+    let confirm = lapin::options::ConfirmSelectOptions::default();
+    ch.confirm_select(confirm).await.unwrap();
+    let mut saw_recv_rate = false;
+    for _ in 0..200 {
+        ch.basic_publish(
+            "".into(),
+            "bytes".into(),
+            Default::default(),
+            &body,
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let c = only_connection(&t).await;
+        if c["recv_oct_details"]["rate"].as_f64().unwrap() > 0.0 {
+            saw_recv_rate = true;
+            break;
+        }
+    }
+    assert!(saw_recv_rate, "a receive rate while publishing");
+    let after_publish = only_connection(&t).await;
+    let recv1 = after_publish["recv_oct"].as_u64().unwrap();
+    assert!(
+        recv1 >= recv0 + body.len() as u64,
+        "{recv0} then {after_publish}"
+    );
+    let got = ch
+        .basic_get(
+            "bytes".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.delivery.data.len(), body.len());
+    let after_get = only_connection(&t).await;
+    let sent1 = after_get["send_oct"].as_u64().unwrap();
+    assert!(
+        sent1 >= sent0 + body.len() as u64,
+        "{sent0} then {after_get}"
+    );
+    assert!(after_get["send_oct_details"]["rate"].as_f64().unwrap() >= 0.0);
+
+    // /metrics: the same counters, as Prometheus counters of the connection.
+    let (recv, sent) = scraped_bytes(&t, &name).await;
+    assert!(recv >= recv1 as f64, "{recv} < {recv1}");
+    assert!(sent >= sent1 as f64, "{sent} < {sent1}");
+    conn.close(200, "bye".into()).await.unwrap();
+    amqp.shutdown().await;
+}

@@ -6,10 +6,12 @@
 //! depth drop, publishes from the form, then opens the dead-letter page,
 //! opens the queue's own page (bindings, peek, publish), a stream's page
 //! with its offsets, the exchanges page with rates, the users and
-//! permissions page, browses a dead-letter queue with its `x-death` decoded, redrives it and
+//! permissions page (adding a user, setting and clearing permissions,
+//! deleting the user), browses a dead-letter queue with its `x-death` decoded, redrives it and
 //! sees the progress bar complete and the depth drop, and finally looks a
 //! message flow up on the trace page, and on the connections page sees an
-//! AMQP client (lapin) with its consumer and closes it. A screenshot of each
+//! AMQP client (lapin) with its bytes and their rates and its consumer, and
+//! closes it. A screenshot of each
 //! step goes to `$CARGO_TARGET_TMPDIR/dashboard/`.
 //!
 //! Skipped, with a printed line, where Chromium or its driver is missing
@@ -385,7 +387,7 @@ async fn the_dashboard_works_in_a_browser() {
     .await;
     b.screenshot("5c-exchanges").await;
 
-    // Users and permissions, read only.
+    // Users and permissions as listed.
     b.click("#tabs button[data-page=users-page]").await;
     b.wait_text("#users tbody", |t| {
         t.contains("guest") && t.contains("administrator")
@@ -394,6 +396,54 @@ async fn the_dashboard_works_in_a_browser() {
     b.wait_text("#permissions tbody", |t| t.contains(".*"))
         .await;
     b.screenshot("5d-users").await;
+
+    // An administrator adds a user, gives and clears permissions, and
+    // deletes the user, from the same page.
+    b.type_into("#user-form input[name=name]", "ann").await;
+    b.type_into("#user-form input[name=password]", "s3cret")
+        .await;
+    b.click("#user-form button[type=submit]").await;
+    b.wait_text("#users tbody", |t| {
+        t.contains("ann") && t.contains("management")
+    })
+    .await;
+    assert!(t
+        .broker
+        .authenticate("ann", "s3cret", None)
+        .await
+        .is_ok_and(|u| u.tags() == [tern_broker::UserTag::Management]));
+    b.type_into("#permission-form input[name=user]", "ann")
+        .await;
+    b.type_into("#permission-form input[name=configure]", "^ann\\.")
+        .await;
+    b.type_into("#permission-form input[name=read]", "").await;
+    b.click("#permission-form button[type=submit]").await;
+    b.wait_element("#permissions tr[data-permission='/ ann']")
+        .await;
+    let granted = t.broker.permission("/", "ann").unwrap().permissions;
+    assert_eq!(granted.configure.as_str(), "^ann\\.");
+    assert_eq!(granted.write.as_str(), ".*");
+    assert_eq!(granted.read.as_str(), "");
+    b.screenshot("5e-users-edited").await;
+    b.click("#permissions tr[data-permission='/ ann'] button")
+        .await;
+    b.wait_text("#permission-result", |t| t.contains("cleared ann"))
+        .await;
+    assert!(t.broker.permission("/", "ann").is_err());
+    b.click("#users tr[data-user=ann] button").await;
+    b.wait_text("#users tbody", |t| {
+        t.contains("guest") && !t.contains("ann")
+    })
+    .await;
+    assert!(t.broker.user("ann").is_err());
+    // A refusal is shown, not swallowed: an unknown vhost.
+    b.type_into("#permission-form input[name=user]", "guest")
+        .await;
+    b.type_into("#permission-form input[name=vhost]", "nowhere")
+        .await;
+    b.click("#permission-form button[type=submit]").await;
+    b.wait_text("#permission-result", |t| t.contains("nowhere"))
+        .await;
 
     // Dead letters: two rejected messages of `work` land in `work.dlq`.
     let mut dl = tern_broker::FieldTable::new();
@@ -536,8 +586,11 @@ async fn the_dashboard_works_in_a_browser() {
         .await
         .unwrap();
     b.click("#tabs button[data-page=conn-page]").await;
-    b.wait_text("#connections tbody", |t| t.contains("AMQP 0-9-1"))
-        .await;
+    // With the bytes it sent and received, and their rates.
+    b.wait_text("#connections tbody", |t| {
+        t.contains("AMQP 0-9-1") && t.contains("B (") && t.contains("B/s)")
+    })
+    .await;
     b.wait_text("#consumers tbody", |t| {
         t.contains("mailer") && t.contains("manual")
     })

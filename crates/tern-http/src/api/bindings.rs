@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tern_broker::{BindingInfo, Destination, FieldTable};
@@ -21,6 +21,7 @@ use tern_broker::{BindingInfo, Destination, FieldTable};
 use super::{exchange_from_path, listing, ApiResult};
 use crate::convert::{self, field_table_json};
 use crate::error::ApiError;
+use crate::scope::Scope;
 use crate::server::AppState;
 
 /// FNV-1a over the arguments' rendering: stable across runs and builds (the
@@ -74,13 +75,14 @@ fn vhost_bindings(state: &AppState, vhost: &str) -> ApiResult<Vec<Value>> {
         .collect())
 }
 
-/// Every binding of every vhost.
+/// Every binding of every vhost the caller sees.
 pub(crate) async fn list_all_bindings(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let mut items = Vec::new();
-    for vhost in state.broker().vhosts() {
+    for vhost in scope.vhosts(state.broker()) {
         items.extend(vhost_bindings(&state, vhost.as_str()).unwrap_or_default());
     }
     Ok(Json(listing(

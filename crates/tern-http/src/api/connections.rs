@@ -1,17 +1,19 @@
 //! `/api/connections`, `/api/channels`, `/api/consumers`: who is connected,
 //! read from the broker's registry, and closing a connection by name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
-use tern_broker::{AckMode, ChannelInfo, ConnectionInfo, ConsumerInfo};
+use tern_broker::{AckMode, ChannelInfo, ConnectionId, ConnectionInfo, ConsumerInfo};
 
 use super::{listing, ApiResult};
+use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::scope::Scope;
 use crate::server::AppState;
 
 /// The header a close request's reason comes in, as RabbitMQ's.
@@ -28,7 +30,10 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn connection_json(c: &ConnectionInfo) -> Value {
+/// A connection as RabbitMQ shows it, with its bytes received and sent
+/// (`recv_oct`, `send_oct`) and their rates over the last sampling interval.
+pub(super) fn connection_json(state: &AppState, c: &ConnectionInfo) -> Value {
+    let (recv_rate, send_rate) = state.rates().connection_rates(&c.name);
     json!({
         "name": c.name,
         "peer_host": c.peer.ip().to_string(),
@@ -40,6 +45,10 @@ pub(super) fn connection_json(c: &ConnectionInfo) -> Value {
         "protocol": c.protocol,
         "connected_at": millis(c.connected_at),
         "channels": c.channels,
+        "recv_oct": c.received_bytes,
+        "send_oct": c.sent_bytes,
+        "recv_oct_details": {"rate": recv_rate},
+        "send_oct_details": {"rate": send_rate},
     })
 }
 
@@ -82,41 +91,66 @@ pub(super) fn consumer_json(c: &ConsumerInfo, channels: &[ChannelInfo]) -> Value
     })
 }
 
-/// Every client connection (`name`, `page`, `page_size` apply).
+/// The client connections the caller sees.
+pub(super) fn visible_connections(state: &AppState, scope: &Scope) -> Vec<ConnectionInfo> {
+    let mut all = state.broker().connections();
+    all.retain(|c| scope.sees_connection_of(&c.user));
+    all
+}
+
+/// Every client connection the caller sees (`name`, `page`, `page_size` apply).
 pub(crate) async fn list_connections(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let items = state
-        .broker()
-        .connections()
+    let items = visible_connections(&state, &scope)
         .iter()
-        .map(connection_json)
+        .map(|c| connection_json(&state, c))
         .collect();
     Ok(Json(listing(items, &query)?))
 }
 
-/// One connection, by name.
+/// One connection, by name; one the caller may not see is not found.
 pub(crate) async fn get_connection(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    state
-        .broker()
-        .connections()
+    visible_connections(&state, &scope)
         .iter()
         .find(|c| c.name == name)
-        .map(|c| Json(connection_json(c)))
+        .map(|c| Json(connection_json(&state, c)))
         .ok_or_else(|| ApiError::not_found(format!("no connection named {name:?}")))
 }
 
 /// Asks a connection to close with the reason in `X-Reason`; 204 once
 /// asked (the client is told with `connection.close`, 320 CONNECTION_FORCED).
+/// Administrators close any connection, other users their own: one they
+/// see but do not own (a monitoring user's view) is 403.
 pub(crate) async fn close_connection(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+    Extension(me): Extension<Principal>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
+    let Some(target) = visible_connections(&state, &scope)
+        .into_iter()
+        .find(|c| c.name == name)
+    else {
+        return Err(ApiError::not_found(format!("no connection named {name:?}")));
+    };
+    if !me.is_administrator() && target.user != me.user {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "access_refused",
+            format!(
+                "user '{}' may not close connection {name:?} of user '{}': only its own user or an administrator may",
+                me.user, target.user
+            ),
+        ));
+    }
     let reason = match headers.get(REASON_HEADER) {
         None => DEFAULT_REASON.to_string(),
         Some(v) => v
@@ -137,32 +171,56 @@ pub(crate) async fn close_connection(
     }
 }
 
-/// Every open channel (`name`, `page`, `page_size` apply).
+/// Every open channel the caller sees (`name`, `page`, `page_size`
+/// apply): those of the connections they see. Channels of no registered
+/// connection (the API's own, the embedded transport's) are shown only to
+/// those who see everything.
 pub(crate) async fn list_channels(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let items = state.broker().channels().iter().map(channel_json).collect();
+    let mut channels = state.broker().channels();
+    if scope != Scope::Everything {
+        let mine: HashSet<ConnectionId> = visible_connections(&state, &scope)
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        channels.retain(|ch| mine.contains(&ch.connection));
+    }
+    let items = channels.iter().map(channel_json).collect();
     Ok(Json(listing(items, &query)?))
 }
 
-fn consumers(state: &AppState, vhost: Option<&str>) -> ApiResult<Json<Value>> {
+/// The consumers of the vhosts the caller sees (of one vhost if given).
+pub(super) fn visible_consumers(
+    state: &AppState,
+    scope: &Scope,
+    vhost: Option<&str>,
+) -> ApiResult<Vec<Value>> {
     let channels = state.broker().channels();
-    let all = state.broker().consumers(vhost)?;
-    Ok(Json(Value::Array(
-        all.iter().map(|c| consumer_json(c, &channels)).collect(),
-    )))
+    let mut all = state.broker().consumers(vhost)?;
+    all.retain(|c| scope.sees_vhost(c.vhost.as_str()));
+    Ok(all.iter().map(|c| consumer_json(c, &channels)).collect())
 }
 
-/// Every consumer, by queue.
-pub(crate) async fn list_all_consumers(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    consumers(&state, None)
+/// Every consumer the caller sees, by queue.
+pub(crate) async fn list_all_consumers(
+    State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(Value::Array(visible_consumers(&state, &scope, None)?)))
 }
 
 /// The consumers of a vhost's queues.
 pub(crate) async fn list_consumers(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    consumers(&state, Some(&vhost))
+    Ok(Json(Value::Array(visible_consumers(
+        &state,
+        &scope,
+        Some(&vhost),
+    )?)))
 }

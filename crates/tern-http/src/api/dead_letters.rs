@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tern_broker::{Destination, ExchangeKind, FieldValue, PeekedMessage};
@@ -21,6 +21,7 @@ use super::{exchange_from_path, ApiResult};
 use crate::convert;
 use crate::error::ApiError;
 use crate::redrive::{self, RedriveSpec, ERROR_HEADER, FAILED_SERVICE_HEADER};
+use crate::scope::Scope;
 use crate::server::AppState;
 
 /// The most messages one peek shows.
@@ -108,10 +109,13 @@ pub(crate) fn vhost_dlqs(state: &AppState, vhost: &str) -> ApiResult<Vec<Value>>
         .collect())
 }
 
-/// Every dead-letter queue of every vhost, with depths.
-pub(crate) async fn list_dlqs(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+/// Every dead-letter queue of every vhost the caller sees, with depths.
+pub(crate) async fn list_dlqs(
+    State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
     let mut all = Vec::new();
-    for vhost in state.broker().vhosts() {
+    for vhost in scope.vhosts(state.broker()) {
         // A vhost deleted since it was listed has none.
         all.extend(vhost_dlqs(&state, vhost.as_str()).unwrap_or_default());
     }
@@ -271,6 +275,7 @@ pub(crate) async fn start_redrive(
 /// `GET /api/redrives/{id}`: a job's progress.
 pub(crate) async fn get_redrive(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -285,14 +290,22 @@ pub(crate) async fn get_redrive(
     state
         .redrives()
         .get(parsed)
+        .filter(|job| scope.sees_vhost(job.vhost()))
         .map(|job| Json(job.progress()))
         .ok_or_else(|| ApiError::not_found(format!("no redrive job {parsed}")))
 }
 
-/// `GET /api/redrives`: every job the server remembers, oldest first.
-pub(crate) async fn list_redrives(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+/// `GET /api/redrives`: every job the server remembers in the vhosts the
+/// caller sees, oldest first.
+pub(crate) async fn list_redrives(
+    State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
     let all = state.redrives().all();
     Ok(Json(Value::Array(
-        all.iter().map(|j| j.progress()).collect(),
+        all.iter()
+            .filter(|j| scope.sees_vhost(j.vhost()))
+            .map(|j| j.progress())
+            .collect(),
     )))
 }

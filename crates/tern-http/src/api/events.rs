@@ -6,6 +6,10 @@
 //! `Authorization` header, so the dashboard reads the stream with
 //! `fetch`; the route needs credentials like every other.
 //!
+//! Each snapshot shows what the caller sees (`scope.rs`), worked out again
+//! for every snapshot, so a permission granted or revoked shows in the
+//! next one.
+//!
 //! The stream ends when the server shuts down, so that open dashboards do
 //! not hold a graceful shutdown up.
 
@@ -13,23 +17,26 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Extension;
 use futures_lite::Stream;
 use serde_json::{json, Value};
 
-use super::connections::{connection_json, consumer_json};
+use super::connections::{connection_json, visible_connections, visible_consumers};
 use super::dead_letters::vhost_dlqs;
 use super::overview::overview_json;
+use crate::auth::Principal;
+use crate::scope::Scope;
 use crate::server::AppState;
 
 /// How often a snapshot is pushed.
 const PERIOD: Duration = Duration::from_secs(1);
 
-/// One snapshot: what the dashboard's pages show.
-fn snapshot(state: &AppState) -> Value {
+/// One snapshot: what the dashboard's pages show, of what the caller sees.
+fn snapshot(state: &AppState, scope: &Scope) -> Value {
     let broker = state.broker();
     let mut queues = Vec::new();
     let mut dlqs = Vec::new();
-    for vhost in broker.vhosts() {
+    for vhost in scope.vhosts(broker) {
         // A vhost deleted meanwhile has nothing to show.
         for q in broker.queues(vhost.as_str()).unwrap_or_default() {
             let mut entry = json!({
@@ -51,18 +58,16 @@ fn snapshot(state: &AppState) -> Value {
         .redrives()
         .all()
         .iter()
+        .filter(|j| scope.sees_vhost(j.vhost()))
         .map(|j| j.progress())
         .collect();
-    let connections: Vec<Value> = broker.connections().iter().map(connection_json).collect();
-    let channels = broker.channels();
-    let consumers: Vec<Value> = broker
-        .consumers(None)
-        .unwrap_or_default()
+    let connections: Vec<Value> = visible_connections(state, scope)
         .iter()
-        .map(|c| consumer_json(c, &channels))
+        .map(|c| connection_json(state, c))
         .collect();
+    let consumers = visible_consumers(state, scope, None).unwrap_or_default();
     json!({
-        "overview": overview_json(state),
+        "overview": overview_json(state, scope),
         "queues": queues,
         "dlqs": dlqs,
         "redrives": redrives,
@@ -74,21 +79,23 @@ fn snapshot(state: &AppState) -> Value {
 /// The event stream: a snapshot at once, then one a second.
 pub(crate) async fn events(
     State(state): State<AppState>,
+    Extension(me): Extension<Principal>,
 ) -> Sse<impl Stream<Item = Result<Event, axum::Error>>> {
     let mut ticks = tokio::time::interval(PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let closing = state.closing();
     let stream = futures_lite::stream::unfold(
-        (state, ticks, closing),
-        |(state, mut ticks, mut closing)| async move {
+        (state, ticks, closing, me),
+        |(state, mut ticks, mut closing, me)| async move {
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = closing.wait_for(|closed| *closed) => return None,
             }
+            let scope = Scope::of(state.broker(), &me);
             let event = Event::default()
                 .event("snapshot")
-                .json_data(snapshot(&state));
-            Some((event, (state, ticks, closing)))
+                .json_data(snapshot(&state, &scope));
+            Some((event, (state, ticks, closing, me)))
         },
     );
     Sse::new(stream).keep_alive(KeepAlive::default())

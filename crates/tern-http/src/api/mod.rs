@@ -63,7 +63,7 @@ pub(crate) type ApiResult<T> = Result<T, ApiError>;
 const DEFAULT_EXCHANGE_PATH: &str = "amq.default";
 
 /// The exchange a path segment names: `amq.default` is the default exchange.
-fn exchange_from_path(name: &str) -> &str {
+pub(crate) fn exchange_from_path(name: &str) -> &str {
     if name == DEFAULT_EXCHANGE_PATH {
         ""
     } else {

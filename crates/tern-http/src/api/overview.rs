@@ -6,26 +6,36 @@
 //! charts.
 
 use axum::extract::State;
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
 
 use super::ApiResult;
+use crate::scope::Scope;
 use crate::server::AppState;
 
-/// The overview.
-pub(crate) async fn overview(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(overview_json(&state)))
+/// The overview, of the vhosts the caller sees.
+pub(crate) async fn overview(
+    State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(overview_json(&state, &scope)))
 }
 
-/// The last samples' rates and queue depths, oldest first.
-pub(crate) async fn rates(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(state.rates().history()))
+/// The last samples' rates and queue depths of the vhosts the caller
+/// sees, oldest first.
+pub(crate) async fn rates(
+    State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(state.rates().history(&|v| scope.sees_vhost(v))))
 }
 
-/// The overview's body, also pushed by `/api/events`.
-pub(crate) fn overview_json(state: &AppState) -> Value {
+/// The overview's body, also pushed by `/api/events`: totals and counters
+/// over the vhosts the caller sees (RabbitMQ's "global statistics covering
+/// all their virtual hosts" for a management user).
+pub(crate) fn overview_json(state: &AppState, scope: &Scope) -> Value {
     let broker = state.broker();
-    let vhosts = broker.vhosts();
+    let vhosts = scope.vhosts(broker);
     let (mut exchanges, mut queues, mut bindings, mut consumers) = (0usize, 0usize, 0usize, 0u64);
     let (mut ready, mut unacked) = (0u64, 0u64);
     for vhost in &vhosts {
@@ -68,7 +78,7 @@ pub(crate) fn overview_json(state: &AppState) -> Value {
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
         },
-        "message_stats": message_stats(state),
+        "message_stats": message_stats(state, scope),
         "journal": journal,
         "alarms": broker
             .alarms()
@@ -83,15 +93,16 @@ pub(crate) fn overview_json(state: &AppState) -> Value {
 /// The recorder's totals under their own names (`published`...), and
 /// RabbitMQ's `publish`, `deliver_get`, `ack`, `redeliver` with
 /// `*_details.rate` from the sampled counters; null without a recorder.
-fn message_stats(state: &AppState) -> Value {
-    let Some(totals) = crate::metrics::message_totals(state) else {
+fn message_stats(state: &AppState, scope: &Scope) -> Value {
+    let sees = |v: &str| scope.sees_vhost(v);
+    let Some(totals) = crate::metrics::message_totals(state, &sees) else {
         return Value::Null;
     };
     let mut out: serde_json::Map<String, Value> = totals
         .into_iter()
         .map(|(k, v)| (k.to_string(), json!(v)))
         .collect();
-    if let Some(rates) = state.rates().overview_stats() {
+    if let Some(rates) = state.rates().overview_stats(&sees) {
         out.extend(rates);
     }
     Value::Object(out)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tern_broker::{QueueDeclare, QueueInfo};
@@ -14,6 +14,7 @@ use tern_broker::{QueueDeclare, QueueInfo};
 use super::{flag, listing, ApiResult};
 use crate::convert::{self, field_table_json};
 use crate::error::ApiError;
+use crate::scope::Scope;
 use crate::server::AppState;
 
 fn queue_json(state: &AppState, vhost: &str, q: &QueueInfo) -> Value {
@@ -45,13 +46,14 @@ fn vhost_queues(state: &AppState, vhost: &str) -> ApiResult<Vec<Value>> {
         .collect())
 }
 
-/// Every queue of every vhost (`name`, `page`, `page_size` apply).
+/// Every queue of every vhost the caller sees (`name`, `page`, `page_size` apply).
 pub(crate) async fn list_all_queues(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let mut items = Vec::new();
-    for vhost in state.broker().vhosts() {
+    for vhost in scope.vhosts(state.broker()) {
         // A vhost deleted since it was listed has no queues to show.
         items.extend(vhost_queues(&state, vhost.as_str()).unwrap_or_default());
     }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tern_broker::{TraceEventKind, TraceSettings, TracedMessage};
@@ -16,6 +16,7 @@ use tern_broker::{TraceEventKind, TraceSettings, TracedMessage};
 use super::ApiResult;
 use crate::convert;
 use crate::error::ApiError;
+use crate::scope::Scope;
 use crate::server::AppState;
 
 /// The most messages the index may be asked to keep.
@@ -46,6 +47,7 @@ fn traced_json(m: &TracedMessage) -> Value {
         "causation_id": m.causation_id,
         "type": m.message_type,
         "app_id": m.app_id,
+        "vhost": m.vhost.as_str(),
         "exchange": m.exchange,
         "routing_key": m.routing_key,
         "queues": m.queues.iter().map(|q| q.as_str()).collect::<Vec<_>>(),
@@ -62,6 +64,7 @@ fn traced_json(m: &TracedMessage) -> Value {
 /// A flow: every traced message with this correlation id, in publish order.
 pub(crate) async fn get_trace(
     State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
     Path(correlation_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     if state.broker().tracing().is_none() {
@@ -69,7 +72,9 @@ pub(crate) async fn get_trace(
             "tracing is off; turn it on with PUT /api/trace-settings",
         ));
     }
-    let messages = state.broker().trace(&correlation_id);
+    let mut messages = state.broker().trace(&correlation_id);
+    // Messages of vhosts the caller does not see are left out, as if untraced.
+    messages.retain(|m| scope.sees_vhost(m.vhost.as_str()));
     if messages.is_empty() {
         return Err(ApiError::not_found(format!(
             "no traced message has correlation id {correlation_id:?} (it may be older than the index holds, or not sampled)"

@@ -10,6 +10,7 @@ use tern_broker::{BrokerError, VhostName};
 use super::ApiResult;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::scope::Scope;
 use crate::server::AppState;
 
 fn vhost_json(state: &AppState, name: &str) -> Value {
@@ -30,11 +31,13 @@ fn vhost_json(state: &AppState, name: &str) -> Value {
     })
 }
 
-/// Every vhost.
-pub(crate) async fn list_vhosts(State(state): State<AppState>) -> Json<Value> {
-    let items: Vec<Value> = state
-        .broker()
-        .vhosts()
+/// Every vhost the caller sees.
+pub(crate) async fn list_vhosts(
+    State(state): State<AppState>,
+    Extension(scope): Extension<Scope>,
+) -> Json<Value> {
+    let items: Vec<Value> = scope
+        .vhosts(state.broker())
         .iter()
         .map(|v| vhost_json(&state, v.as_str()))
         .collect();

@@ -60,6 +60,14 @@ function el(tag, text, cls) {
   return e;
 }
 
+// Bytes as people read them: 1023 B, 1.5 KiB, 12.0 MiB.
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${Math.round(n)} B` : `${n.toFixed(1)} ${units[i]}`;
+}
+
 function uptime(ms) {
   const s = Math.floor(ms / 1000);
   if (s < 120) return `${s}s`;
@@ -295,6 +303,8 @@ function renderConnections(connections, consumers) {
     cell(row, c.vhost);
     cell(row, c.protocol);
     cell(row, c.channels, "num");
+    cell(row, `${bytes(c.recv_oct)} (${bytes(c.recv_oct_details.rate)}/s)`, "num");
+    cell(row, `${bytes(c.send_oct)} (${bytes(c.send_oct_details.rate)}/s)`, "num");
     cell(row, new Date(c.connected_at).toISOString().replace("T", " ").slice(0, 19));
     button(row.insertCell(), "Close", async () => {
       const reason = prompt(`Close ${c.name}? Reason given to the client:`, "closed by an operator");
@@ -711,7 +721,7 @@ async function loadExchanges() {
   } catch (e) { showError(e); }
 }
 
-// ---- users and permissions (read only) ----
+// ---- users and permissions (administrators change them) ----
 
 async function loadUsers() {
   try {
@@ -725,6 +735,8 @@ async function loadUsers() {
       cell(row, u.name);
       cell(row, u.tags.join(", ") || "(none: no management access)");
       cell(row, u.has_password ? "set" : "none");
+      const actions = cell(row, "");
+      button(actions, "Delete", () => deleteUser(u.name));
     }
     const pbody = $("permissions").tBodies[0];
     pbody.replaceChildren();
@@ -735,6 +747,9 @@ async function loadUsers() {
       cell(row, p.configure, "regex");
       cell(row, p.write, "regex");
       cell(row, p.read, "regex");
+      row.dataset.permission = `${p.vhost} ${p.user}`;
+      const actions = cell(row, "");
+      button(actions, "Clear", () => clearPermissions(p.vhost, p.user));
     }
   } catch (e) {
     // Only administrators may list users: say so rather than fail.
@@ -742,6 +757,47 @@ async function loadUsers() {
     $("users-refused").textContent = `Users and permissions: ${e.message}`;
   }
 }
+
+async function deleteUser(name) {
+  try {
+    await api("DELETE", `/api/users/${enc(name)}`);
+    $("user-result").textContent = `deleted ${name}`;
+  } catch (e) { $("user-result").textContent = e.message; }
+  loadUsers();
+}
+
+async function clearPermissions(vhost, user) {
+  try {
+    await api("DELETE", `/api/permissions/${enc(vhost)}/${enc(user)}`);
+    $("permission-result").textContent = `cleared ${user} in ${vhost}`;
+  } catch (e) { $("permission-result").textContent = e.message; }
+  loadUsers();
+}
+
+$("user-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const f = new FormData(ev.target);
+  const name = f.get("name");
+  const body = { tags: f.get("tags") };
+  if (f.get("password")) body.password = f.get("password");
+  try {
+    await api("PUT", `/api/users/${enc(name)}`, body);
+    $("user-result").textContent = `saved ${name}`;
+    ev.target.elements.password.value = "";
+  } catch (e) { $("user-result").textContent = e.message; }
+  loadUsers();
+});
+
+$("permission-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const f = new FormData(ev.target);
+  const body = { configure: f.get("configure"), write: f.get("write"), read: f.get("read") };
+  try {
+    await api("PUT", `/api/permissions/${enc(f.get("vhost"))}/${enc(f.get("user"))}`, body);
+    $("permission-result").textContent = `set for ${f.get("user")} in ${f.get("vhost")}`;
+  } catch (e) { $("permission-result").textContent = e.message; }
+  loadUsers();
+});
 
 // Last, so that every binding above exists before the first render.
 if (auth) start();
