@@ -254,5 +254,5 @@ async fn a_due_message_passes_its_queues_deduplication_window() {
         2,
         "the second copy of k1 is a duplicate in the queue's window"
     );
-    broker.close();
+    broker.close().unwrap();
 }

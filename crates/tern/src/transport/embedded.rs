@@ -433,21 +433,6 @@ impl Transport for Embedded {
         Box::pin(async move {
             self.record_events(&spec.ty).await?;
             let stream = event_stream(&spec.ty);
-            let resumes = match &spec.name {
-                None => false,
-                Some(name) => self
-                    .broker
-                    .stream_offsets(VHOST, &stream)
-                    .map_err(broker_error(format!(
-                        "read the offsets of stream '{stream}'"
-                    )))?
-                    .consumers
-                    .iter()
-                    .any(|c| {
-                        c.name.as_ref().map(|n| n.as_str()) == Some(name.as_str())
-                            && c.committed.is_some()
-                    }),
-            };
             let mut channel = self
                 .broker
                 .open_channel(VHOST, self.connection)
